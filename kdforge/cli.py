@@ -1,0 +1,183 @@
+"""The `kdforge` command: prepare | train | distill | eval | report | demo | list.
+
+Each verb parses its options and calls one function of the Python API (kdforge.api, kdforge.data,
+kdforge.report); nothing is done here that a script could not do.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+RECIPE_HELP = ("A YAML recipe with sections data, teacher, student, method, train (see recipes/). "
+               "Override any key with --set section.key=value, e.g. --set train.epochs=2.")
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help=RECIPE_HELP)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key (repeatable), values parsed as YAML: train.lr=0.1, "
+                        "method.temperature=2, data.train_subset=null")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in <out_dir>/<name> from its last checkpoint, exactly where it stopped")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
+    p.add_argument("--no-teacher-eval", action="store_true",
+                   help="skip evaluating the teacher on the validation set at the start")
+
+
+def cmd_prepare(a: argparse.Namespace) -> int:
+    from kdforge.data.prepare import prepare
+
+    out = prepare(a.name, a.source, a.root, force=a.force)
+    print(f"decoded cache ready: {out}")
+    return 0
+
+
+def _run(a: argparse.Namespace, scratch: bool) -> int:
+    from kdforge.api import run_recipe
+    from kdforge.config import load_config
+
+    overrides = list(a.overrides) + (["method.name=scratch"] if scratch else [])
+    cfg = load_config(a.recipe, overrides)
+    result = run_recipe(cfg, resume=a.resume, overwrite=a.overwrite, eval_teacher=not a.no_teacher_eval)
+    print((result.run_dir / "report.md").read_text())
+    print(f"run folder: {result.run_dir}")
+    return 0
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from kdforge.api import evaluate, load_student
+    from kdforge.config import ModelConfig, from_dict, load_config
+    from kdforge.data.build import build_loaders
+    from kdforge.engine.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(a.checkpoint)
+    saved = ckpt.get("config") or {}
+    if a.recipe:
+        cfg = load_config(a.recipe, a.overrides)
+    elif saved:
+        cfg = load_config(None, a.overrides, base=saved)
+    else:
+        raise SystemExit(f"{a.checkpoint} carries no config: pass --recipe to say which model and data it is")
+    if a.split:
+        cfg.data.val_split = a.split
+    data = build_loaders(cfg.data, seed=cfg.seed)
+    model_cfg = cfg.student if not a.model else from_dict(ModelConfig, {"name": a.model}, "model")
+    model = load_student(a.checkpoint, model_config=model_cfg, num_classes=data.num_classes)
+    metrics = evaluate(model, data.val, device=cfg.train.device)
+    print(json.dumps({"checkpoint": str(a.checkpoint), "split": cfg.data.val_split, **metrics}, indent=1))
+    return 0
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    from kdforge.report import aggregate
+
+    table = aggregate(a.runs, metric=a.metric)
+    if a.out:
+        Path(a.out).write_text(table)
+    print(table)
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from kdforge.demo import run_demo
+
+    run_demo(a.out, quick=a.quick, progress=not a.no_progress)
+    return 0
+
+
+def cmd_list(a: argparse.Namespace) -> int:
+    import kdforge  # noqa: F401  (registration)
+    from kdforge.registry import DATASETS, DISTILLERS, LOSSES, MODELS
+
+    tables = {"models": MODELS, "methods": DISTILLERS, "datasets": DATASETS, "losses": LOSSES}
+    for kind in ([a.kind] if a.kind else tables):
+        print(f"{kind}: {', '.join(tables[kind].names())}")
+    if not a.kind or a.kind == "models":
+        print("also: torchvision:<name>, timm:<name> (pip install timm), pkg.module:factory")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kdforge", description="Knowledge distillation: recipes, engine, reports.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("prepare", help="decode a public dataset once into a memory-mapped uint8 cache",
+                       description="Decode a dataset from its published format into <root>/<name>/<split>/ "
+                                   "(uint8 images, labels, meta.json); later runs load it in seconds.")
+    s.add_argument("name", help="cifar10 | cifar100 | tiny_imagenet | image_folder")
+    s.add_argument("--source", required=True,
+                   help="the published files: a directory, a .tar or .tar.gz (image folders, the official "
+                        "CIFAR python pickles, Tiny-ImageNet's layout)")
+    s.add_argument("--root", default="~/.cache/kdforge/data", help="cache root (default: %(default)s)")
+    s.add_argument("--force", action="store_true", help="decode again even if a valid cache exists")
+    s.set_defaults(fn=cmd_prepare)
+
+    s = sub.add_parser("train", help="train a model from scratch (teachers, baselines) from a recipe",
+                       description="Train the recipe's student with cross-entropy only (method forced to "
+                                   "scratch). " + RECIPE_HELP)
+    _add_run_options(s)
+    s.set_defaults(fn=lambda a: _run(a, scratch=True))
+
+    s = sub.add_parser("distill", help="distil a teacher into a student from a recipe",
+                       description="Run a distillation recipe; writes config.yaml, metrics.jsonl, "
+                                   "checkpoints/ and report.md into <out_dir>/<name>. " + RECIPE_HELP)
+    _add_run_options(s)
+    s.set_defaults(fn=lambda a: _run(a, scratch=False))
+
+    s = sub.add_parser("eval", help="evaluate a checkpoint on a dataset split",
+                       description="Evaluate the student in a kdforge checkpoint (or a plain state dict with "
+                                   "--recipe/--model). Data and model come from the config saved in the "
+                                   "checkpoint unless --recipe is given.")
+    s.add_argument("checkpoint", help="path to a checkpoint (e.g. runs/<name>/checkpoints/last.pt)")
+    s.add_argument("--recipe", help="recipe naming the model and data (default: the checkpoint's own config)")
+    s.add_argument("--model", help="model name, when it differs from the recipe's student")
+    s.add_argument("--split", help="split to evaluate (default: the recipe's data.val_split)")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. data.root=/data")
+    s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("report", help="aggregate run folders into one table (mean ± std over seeds)",
+                       description="Find run folders (summary.json) under the given paths and print a Markdown "
+                                   "table grouped by data, teacher, student and method.")
+    s.add_argument("runs", nargs="+", help="run folders or folders containing them")
+    s.add_argument("--metric", default="top1", help="metric to aggregate (default: %(default)s)")
+    s.add_argument("--out", help="also write the table to this file")
+    s.set_defaults(fn=cmd_report)
+
+    s = sub.add_parser("demo", help="the main job on generated data: teacher, student, KD, table (~2 min)",
+                       description="Generate a small image dataset (no download), train a teacher and a "
+                                   "student from scratch, distil the teacher into the student with Hinton KD "
+                                   "and AT, and print the result table; run folders go under --out.")
+    s.add_argument("--out", default="runs/demo", help="folder for the demo's runs (default: %(default)s)")
+    s.add_argument("--quick", action="store_true", help="a much smaller run, for smoke tests")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    s.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser("list", help="list registered models, methods, datasets and losses")
+    s.add_argument("kind", nargs="?", choices=["models", "methods", "datasets", "losses"])
+    s.set_defaults(fn=cmd_list)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if "" not in sys.path and os.getcwd() not in sys.path:  # recipes may name factories in local modules
+        sys.path.insert(0, os.getcwd())
+    try:
+        return args.fn(args)
+    except (FileNotFoundError, FileExistsError, KeyError, ValueError, RuntimeError, ImportError,
+            FloatingPointError) as e:
+        # user errors (bad recipe, missing file, unknown name, NaN loss) as one clear line, not a traceback;
+        # KDFORGE_DEBUG=1 shows the traceback
+        if os.environ.get("KDFORGE_DEBUG"):
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"kdforge {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

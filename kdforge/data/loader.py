@@ -1,0 +1,249 @@
+"""`BatchLoader`: batches straight from a decoded uint8 cache, augmented per sample, prefetched in a thread.
+
+Why not torch DataLoader: with the whole split decoded in one (memmapped) uint8 array, a batch is one fancy
+index, one gather (crop + flip) and one fused multiply-add (normalise); doing that per sample in worker
+processes costs far more than the work itself. Torch ops release the GIL, so one background thread is enough
+to keep the next batches ready while the model runs.
+
+Reproducibility is by construction, not by replay:
+- the order of epoch e is `torch.randperm(N)` from a generator seeded with (seed, e);
+- the augmentation of batch b of epoch e uses a generator seeded with (seed, e, b).
+So batch b can be rebuilt without producing batches 0..b-1 (`iter_from`), which lets a trainer resume
+mid-epoch exactly, and a teacher-output cache can trust `deterministic` loaders.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from kdforge.data.decoded import DecodedData
+from kdforge.data.transforms import BatchAugment, normalize
+
+#: ImageNet statistics, also what the public CIFAR ResNets (shared/data/cifar10-resnets) were trained with.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_ORDER, _AUGMENT = 0, 1  # stream tags: the permutation and the augmentation never share random numbers
+
+
+def _generator(*key: int) -> torch.Generator:
+    """A torch generator seeded from a tuple of ints through numpy's SeedSequence (well mixed, stable)."""
+    state = np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in key]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+class BatchLoader:
+    """Iterate `{"image", "label", "index", **attrs}` batches over a DecodedData.
+
+    image: float32 (B, 3, H, W) normalised with `mean`/`std` (channels_last memory format if asked);
+    label, index and each attribute: int64 (B,). `index` is the sample's position in `data`.
+
+    Call `set_epoch(e)` before each epoch (as with DistributedSampler); iterating twice without it repeats
+    the same epoch exactly. `rank`/`world_size` give each process a disjoint 1/world_size share of every epoch
+    (the permutation is padded by wrapping so all ranks get the same number of batches).
+    """
+
+    def __init__(
+        self,
+        data: DecodedData,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        augment: BatchAugment | None = None,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        seed: int = 0,
+        prefetch: int = 2,
+        channels_last: bool = False,
+        pin_memory: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError(f"mean and std need 3 values (RGB), got {len(mean)} and {len(std)}")
+        self.data = data
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.augment = augment or BatchAugment()
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.seed = seed
+        self.prefetch = max(0, prefetch)
+        self.channels_last = channels_last
+        self.pin_memory = pin_memory and torch.cuda.is_available()
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        self._labels = torch.from_numpy(np.ascontiguousarray(data.labels, dtype=np.int64))
+        self._attrs = {k: torch.from_numpy(np.asarray(v, dtype=np.int64)) for k, v in data.attrs.items()}
+
+    # ------------------------------------------------------------ properties
+    @property
+    def deterministic(self) -> bool:
+        """True when a dataset index always yields the same image tensor (no random augmentation)."""
+        return not self.augment.is_random
+
+    @property
+    def num_classes(self) -> int:
+        return self.data.num_classes
+
+    @property
+    def dataset_size(self) -> int:
+        return len(self.data)
+
+    def _per_rank(self) -> int:
+        n = len(self.data)
+        return -(-n // self.world_size)  # ceil: the permutation is padded by wrapping
+
+    def __len__(self) -> int:
+        n = self._per_rank()
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select epoch `epoch`'s order and augmentation streams."""
+        self.epoch = int(epoch)
+
+    # ------------------------------------------------------------ indices
+    def epoch_indices(self, epoch: int | None = None) -> torch.Tensor:
+        """The dataset indices this rank visits in `epoch` (default: the current one), in order."""
+        e = self.epoch if epoch is None else epoch
+        n = len(self.data)
+        if self.shuffle:
+            order = torch.randperm(n, generator=_generator(self.seed, _ORDER, e))
+        else:
+            order = torch.arange(n)
+        if self.world_size > 1:
+            total = self._per_rank() * self.world_size
+            if total > n:
+                order = torch.cat([order, order[: total - n]])
+            order = order[self.rank::self.world_size]
+        return order
+
+    def batch_indices(self, batch_idx: int, epoch: int | None = None) -> torch.Tensor:
+        """Dataset indices of batch `batch_idx` of `epoch`."""
+        if not 0 <= batch_idx < len(self):
+            raise IndexError(f"batch {batch_idx} out of range: this loader has {len(self)} batches per epoch")
+        order = self.epoch_indices(epoch)
+        return order[batch_idx * self.batch_size:(batch_idx + 1) * self.batch_size]
+
+    # ------------------------------------------------------------ batches
+    def make_batch(
+        self, idx: torch.Tensor, batch_idx: int, epoch: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Build the batch of samples `idx` as batch `batch_idx` of `epoch` (its augmentation seed)."""
+        e = self.epoch if epoch is None else epoch
+        idx_np = idx.numpy()
+        # np.take on the memmap copies just these rows; sorted reads would not help: the cache is in RAM.
+        x = torch.from_numpy(np.take(self.data.images, idx_np, axis=0))  # (B, H, W, 3) uint8
+        if self.augment.is_random or self.augment.resize is not None:
+            x = self.augment(x, _generator(self.seed, _AUGMENT, e, batch_idx), channels_last=True)
+        img = normalize(x, self.mean, self.std, channels_last=True).permute(0, 3, 1, 2)
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        img = img.contiguous(memory_format=fmt)
+        batch = {"image": img, "label": self._labels[idx], "index": idx.clone()}
+        for k, col in self._attrs.items():
+            batch[k] = col[idx]
+        if self.pin_memory:
+            batch = {k: v.pin_memory() for k, v in batch.items()}
+        return batch
+
+    def get_batch(self, batch_idx: int, epoch: int | None = None) -> dict[str, torch.Tensor]:
+        """Batch `batch_idx` of `epoch`, exactly as iteration yields it."""
+        return self.make_batch(self.batch_indices(batch_idx, epoch), batch_idx, epoch)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self.iter_from(0)
+
+    def iter_from(self, batch_idx: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Iterate the current epoch from batch `batch_idx` on; earlier batches are never built."""
+        if not 0 <= batch_idx <= len(self):
+            raise IndexError(f"cannot start at batch {batch_idx}: this loader has {len(self)} batches")
+        epoch = self.epoch
+        order = self.epoch_indices(epoch)
+        jobs = [
+            (b, order[b * self.batch_size:(b + 1) * self.batch_size]) for b in range(batch_idx, len(self))
+        ]
+        if self.prefetch == 0:
+            return (self.make_batch(idx, b, epoch) for b, idx in jobs)
+        return _Prefetcher(lambda job: self.make_batch(job[1], job[0], epoch), jobs, self.prefetch)
+
+    def __repr__(self) -> str:
+        return (
+            f"BatchLoader({self.data.name!r}, n={len(self.data)}, batch_size={self.batch_size}, "
+            f"batches={len(self)}, shuffle={self.shuffle}, augment={self.augment})"
+        )
+
+
+class _Prefetcher:
+    """Runs `fn` over `jobs` in a daemon thread, `depth` results ahead; re-raises its errors in order.
+
+    The thread holds only the queue and the stop flag (not this object), so dropping the iterator (break,
+    exception) lets it be collected, and `__del__` stops the thread.
+    """
+
+    def __init__(self, fn: Any, jobs: list, depth: int) -> None:
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=_produce, args=(self._q, self._stop, fn, jobs), daemon=True, name="kdforge-prefetch"
+        )
+        self._thread.start()
+
+    def __iter__(self) -> _Prefetcher:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self._stop.is_set():
+            raise StopIteration
+        ok, item = self._q.get()
+        if not ok:
+            self.close()
+            raise item
+        if item is _DONE:
+            self.close()
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        try:  # unblock a producer waiting on a full queue
+            while True:
+                self._q.get_nowait()
+        except queue.Empty:
+            pass
+
+    def __del__(self) -> None:
+        self._stop.set()
+
+
+_DONE = object()
+
+
+def _produce(q: queue.Queue, stop: threading.Event, fn: Any, jobs: list) -> None:
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    try:
+        for job in jobs:
+            if stop.is_set() or not put((True, fn(job))):
+                return
+    except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
+        put((False, e))
+        return
+    put((True, _DONE))

@@ -1,0 +1,299 @@
+"""The training loop. It knows devices, precision, schedules, checkpoints and logging, and the Distiller
+contract (kdforge.distillers.base); it never names a method.
+
+Resume is exact: a checkpoint holds the models, optimisers, schedulers, grad scaler, RNG states, and the
+position in the data order (stage, epoch, batches done). Loaders with `set_epoch` + `iter_from` (kdforge's
+BatchLoader) jump straight to that batch; any other iterable is replayed from the RNG state saved at the
+start of the epoch and the finished batches are skipped.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from kdforge.engine.checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
+from kdforge.engine.logging import MetricsLogger
+from kdforge.engine.optim import build_scheduler
+from kdforge.metrics.classification import evaluate_classifier
+
+CHECKPOINT_FORMAT = "kdforge-checkpoint/1"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss became NaN or Inf; the message names the term, the epoch and the step."""
+
+
+@dataclass
+class FitResult:
+    metrics: dict[str, Any]  # the last evaluation (or last training losses when there is no val loader)
+    history: list[dict[str, Any]] = field(default_factory=list)  # one record per epoch
+    run_dir: Path | None = None
+    stopped_early: bool = False  # max_steps reached before the last epoch ended
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def to_batch(raw: Any, device: torch.device, channels_last: bool = False) -> dict[str, Any]:
+    """Move a batch to `device`. Dict batches pass through; (image, label[, extras]) tuples become dicts."""
+    if isinstance(raw, dict):
+        batch = dict(raw)
+    elif isinstance(raw, (tuple, list)) and len(raw) >= 2:
+        batch = {"image": raw[0], "label": raw[1]}
+        if len(raw) > 2 and isinstance(raw[2], dict):
+            batch.update(raw[2])
+        elif len(raw) > 2:
+            batch["index"] = raw[2]
+    else:
+        raise TypeError(f"a batch must be a dict or an (image, label) tuple, got {type(raw).__name__}")
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device, non_blocking=True)
+            if channels_last and k == "image" and v.dim() == 4:
+                v = v.contiguous(memory_format=torch.channels_last)
+            batch[k] = v
+    return batch
+
+
+class Trainer:
+    """Runs a Distiller over a train loader; evaluates, logs and checkpoints into `run_dir`.
+
+    `evaluator(distiller, loader, device) -> dict` defaults to classification accuracy of the student;
+    methods whose student is not a classifier (generators, flows) pass their own.
+    """
+
+    def __init__(self, cfg: Any, run_dir: str | Path | None = None, *,
+                 evaluator: Callable[..., dict[str, Any]] | None = None,
+                 config_dict: dict[str, Any] | None = None,
+                 monitor: str = "top1") -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.device = resolve_device(cfg.device)
+        self.evaluator = evaluator or self._evaluate_classifier
+        self.config_dict = config_dict or {}
+        self.monitor = monitor
+
+    # ------------------------------------------------------------------ evaluation
+    def _evaluate_classifier(self, distiller, loader, device) -> dict[str, Any]:
+        return evaluate_classifier(distiller.predict, loader, device,
+                                   to_batch=lambda b, d: to_batch(b, d, self.cfg.channels_last),
+                                   num_groups=getattr(loader, "num_groups", None))
+
+    def evaluate(self, distiller, loader) -> dict[str, Any]:
+        was_training = distiller.training
+        distiller.eval()
+        try:
+            with self._autocast():
+                return self.evaluator(distiller, loader, self.device)
+        finally:
+            distiller.train(was_training)
+
+    # ------------------------------------------------------------------ helpers
+    def _autocast(self):
+        p = str(self.cfg.precision)
+        if p in ("32", "fp32"):
+            return contextlib.nullcontext()
+        dtype = {"bf16": torch.bfloat16, "16": torch.float16, "fp16": torch.float16}.get(p)
+        if dtype is None:
+            raise ValueError(f"unknown precision {p!r}; use 32, bf16 or 16")
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _batches(self, loader: Iterable, epoch: int, start: int, epoch_rng: torch.Tensor | None) -> Iterator:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        if start and hasattr(loader, "iter_from"):
+            return loader.iter_from(start)
+        if start:  # replay a plain iterable from the epoch's RNG state and skip what was done
+            resume_state = torch.get_rng_state()
+            if epoch_rng is not None:
+                torch.set_rng_state(epoch_rng)
+            it = iter(loader)
+            for _ in range(start):
+                next(it)
+            torch.set_rng_state(resume_state)
+            return it
+        return iter(loader)
+
+    def _save(self, name: str, distiller, opts, scheds, scaler, pos: dict[str, int], history, epoch_rng) -> None:
+        if self.run_dir is None:
+            return
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "model": distiller.student.state_dict(),
+            "distiller": distiller.state_for_checkpoint(),
+            "optimizers": {k: o.state_dict() for k, o in opts.items()},
+            "schedulers": {k: s.state_dict() for k, s in scheds.items()},
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "position": pos,
+            "rng": rng_state(),
+            "epoch_rng": epoch_rng,
+            "history": history,
+            "config": self.config_dict,
+        }
+        atomic_save(state, self.run_dir / "checkpoints" / name)
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, distiller, train_loader: Iterable, val_loader: Iterable | None = None,
+            resume: bool | str | Path = False) -> FitResult:
+        cfg = self.cfg
+        distiller.to(self.device)
+        if cfg.channels_last:
+            distiller.to(memory_format=torch.channels_last)
+        steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
+        if steps_per_epoch == 0:
+            raise ValueError("the train loader yields no batches (dataset smaller than one batch with drop_last?)")
+        stages = distiller.stages(cfg.epochs)
+        logger = MetricsLogger(self.run_dir, cfg.tensorboard)
+
+        pos = {"stage": 0, "epoch": 0, "batch": 0, "step": 0}
+        history: list[dict[str, Any]] = []
+        ckpt = None
+        if resume:
+            path = Path(resume) if not isinstance(resume, bool) else self.run_dir / "checkpoints" / "last.pt"
+            ckpt = load_checkpoint(path)
+            if ckpt.get("format") != CHECKPOINT_FORMAT:
+                raise RuntimeError(f"{path} is not a kdforge training checkpoint (format {ckpt.get('format')!r})")
+            distiller.load_from_checkpoint(ckpt["distiller"])
+            pos, history = dict(ckpt["position"]), list(ckpt["history"])
+            logger.truncate_after(pos["step"])
+
+        use_scaler = str(cfg.precision) in ("16", "fp16") and self.device.type == "cuda"
+        scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        if scaler is not None and ckpt is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        distiller.global_step = pos["step"]
+        last_eval: dict[str, Any] = history[-1] if history else {}
+        stopped_early = False
+        first_epoch_of_stage = sum(s.epochs for s in stages[: pos["stage"]])
+
+        for stage_idx in range(pos["stage"], len(stages)):
+            stage = stages[stage_idx]
+            distiller.set_stage(stage.name)
+            stage_steps = stage.epochs * steps_per_epoch
+            opts = distiller.configure_optimizers(stage.name, cfg, stage_steps)
+            scheds = {k: build_scheduler(o, cfg, stage_steps, steps_per_epoch) for k, o in opts.items()}
+            distiller.optimizers = opts
+            main_name = next(iter(opts))
+            if ckpt is not None and stage_idx == pos["stage"]:
+                if pos["epoch"] > first_epoch_of_stage or pos["batch"] > 0:  # else the stage has not begun
+                    for k, o in opts.items():
+                        o.load_state_dict(ckpt["optimizers"][k])
+                    for k, s in scheds.items():
+                        s.load_state_dict(ckpt["schedulers"][k])
+                set_rng_state(ckpt["rng"])
+            end_epoch = first_epoch_of_stage + stage.epochs
+            start_epoch = pos["epoch"] if stage_idx == pos["stage"] else first_epoch_of_stage
+            for epoch in range(start_epoch, end_epoch):
+                start = pos["batch"] if (ckpt is not None and epoch == pos["epoch"]) else 0
+                epoch_rng = (ckpt["epoch_rng"] if start else torch.get_rng_state())
+                distiller.train()
+                sums: dict[str, torch.Tensor] = {}
+                n_done = 0
+                t0 = time.perf_counter()
+                bar = tqdm(self._batches(train_loader, epoch, start, epoch_rng), total=steps_per_epoch,
+                           initial=start, disable=not cfg.progress, leave=False,
+                           desc=f"{stage.name} epoch {epoch + 1}/{cfg.epochs}")
+                for batch_idx, raw in enumerate(bar, start=start):
+                    batch = to_batch(raw, self.device, cfg.channels_last)
+                    with self._autocast():
+                        losses = distiller.training_step(batch)
+                    total = self._step(losses, opts[main_name], scaler, epoch, pos["step"])
+                    for s in scheds.values():
+                        if not isinstance(s, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                            s.step()
+                    pos["step"] += 1
+                    distiller.global_step = pos["step"]
+                    for k, v in losses.items():
+                        sums[k] = sums.get(k, 0.0) + v.detach().float()
+                    if total is not None:
+                        sums["loss"] = sums.get("loss", 0.0) + total.detach().float()
+                    n_done += 1
+                    if cfg.log_every and pos["step"] % cfg.log_every == 0:
+                        rec = {k: float(v) / n_done for k, v in sums.items()}
+                        bar.set_postfix({k: f"{v:.3f}" for k, v in rec.items()})
+                        logger.log({"kind": "step", "step": pos["step"], "epoch": epoch,
+                                    "lr": opts[main_name].param_groups[0]["lr"], **rec})
+                    done = {"stage": stage_idx, "epoch": epoch, "batch": batch_idx + 1, "step": pos["step"]}
+                    if cfg.checkpoint_every and pos["step"] % cfg.checkpoint_every == 0:
+                        self._save("last.pt", distiller, opts, scheds, scaler, done, history, epoch_rng)
+                    if cfg.max_steps is not None and pos["step"] >= cfg.max_steps:
+                        stopped_early = batch_idx + 1 < steps_per_epoch or epoch + 1 < cfg.epochs
+                        if stopped_early:
+                            self._save("last.pt", distiller, opts, scheds, scaler, done, history, epoch_rng)
+                            break
+                bar.close()
+                if stopped_early:
+                    break
+                # epoch end: evaluate, log, checkpoint
+                record: dict[str, Any] = {"kind": "epoch", "epoch": epoch + 1, "step": pos["step"],
+                                          "stage": stage.name, "lr": opts[main_name].param_groups[0]["lr"],
+                                          "epoch_time_s": time.perf_counter() - t0}
+                record.update({f"train_{k}": float(v) / max(1, n_done) for k, v in sums.items()})
+                is_last = epoch + 1 == cfg.epochs
+                if val_loader is not None and ((epoch + 1) % max(1, cfg.eval_every) == 0 or is_last):
+                    metrics = self.evaluate(distiller, val_loader)
+                    record.update({f"val_{k}": v for k, v in metrics.items()})
+                    for s in scheds.values():
+                        if isinstance(s, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                            s.step(metrics["loss"])
+                history.append(record)
+                last_eval = record
+                logger.log(record)
+                nxt = {"stage": stage_idx if epoch + 1 < end_epoch else stage_idx + 1,
+                       "epoch": epoch + 1, "batch": 0, "step": pos["step"]}
+                self._save("last.pt", distiller, opts, scheds, scaler, nxt, history, None)
+            if stopped_early:
+                break
+            first_epoch_of_stage = end_epoch
+            ckpt = None
+        logger.close()
+        metrics = {k[4:]: v for k, v in last_eval.items() if k.startswith("val_")} or last_eval
+        if stopped_early and val_loader is not None:  # max_steps is the budget: report where it ended
+            metrics = self.evaluate(distiller, val_loader)
+        return FitResult(metrics=metrics, history=history, run_dir=self.run_dir, stopped_early=stopped_early)
+
+    def _step(self, losses: dict[str, torch.Tensor], opt: torch.optim.Optimizer, scaler, epoch: int,
+              step: int) -> torch.Tensor | None:
+        """Backpropagate the sum of the grad-carrying terms and step the main optimiser."""
+        if not isinstance(losses, dict) or not losses:
+            raise TypeError("training_step must return a non-empty dict of named losses")
+        live = {k: v for k, v in losses.items() if v.requires_grad}
+        for k, v in losses.items():
+            if not torch.isfinite(v).all():
+                raise NonFiniteLossError(
+                    f"loss term {k!r} is {float(v)} at epoch {epoch + 1}, step {step + 1}; training stopped, "
+                    f"the last good checkpoint is kept (try a lower lr, train.grad_clip or precision 32)")
+        if not live:  # a game that stepped everything itself
+            return None
+        total = sum(live.values())
+        opt.zero_grad(set_to_none=True)  # also clears grads left on the student by inner game steps
+        if scaler is not None:
+            scaler.scale(total).backward()
+            if self.cfg.grad_clip:
+                scaler.unscale_(opt)
+                self._clip(opt)
+            scaler.step(opt)
+            scaler.update()
+        else:
+            total.backward()
+            if self.cfg.grad_clip:
+                self._clip(opt)
+            opt.step()
+        return total
+
+    def _clip(self, opt: torch.optim.Optimizer) -> None:
+        params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        if not math.isfinite(float(norm)):
+            raise NonFiniteLossError(f"gradient norm is {float(norm)}; training stopped, last good checkpoint kept")
