@@ -30,7 +30,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 def cmd_prepare(a: argparse.Namespace) -> int:
     from kdforge.data.prepare import prepare
 
-    out = prepare(a.name, a.source, a.root, force=a.force)
+    from kdforge.config import expand_path
+
+    out = prepare(a.name, expand_path(a.source), expand_path(a.root), force=a.force)
     print(f"decoded cache ready: {out}")
     return 0
 
@@ -111,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--source", required=True,
                    help="the published files: a directory, a .tar or .tar.gz (image folders, the official "
                         "CIFAR python pickles, Tiny-ImageNet's layout)")
-    s.add_argument("--root", default="~/.cache/kdforge/data", help="cache root (default: %(default)s)")
+    s.add_argument("--root", default="${KDFORGE_CACHE}/data",
+                   help="cache root (default: %(default)s, KDFORGE_CACHE defaulting to ~/.cache/kdforge)")
     s.add_argument("--force", action="store_true", help="decode again even if a valid cache exists")
     s.set_defaults(fn=cmd_prepare)
 

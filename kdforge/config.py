@@ -7,8 +7,10 @@ the model factory, checked against that callable's signature when it is built.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,7 +39,7 @@ class ModelConfig:
 class DataConfig:
     name: str = "synthetic"  # a DATASETS name: synthetic, cifar10, cifar100, tiny_imagenet, image_folder
     source: str | None = None  # where the public files are (dir, .tar, .tar.gz); needed on first prepare
-    root: str = "~/.cache/kdforge/data"  # decoded-cache root, outside the repo
+    root: str = "${KDFORGE_CACHE}/data"  # decoded-cache root, outside the repo (KDFORGE_CACHE: ~/.cache/kdforge)
     train_split: str = "train"
     val_split: str = "test"
     batch_size: int = 128
@@ -149,6 +151,8 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
             return value
         raise ConfigError(f"{where}: expected true/false, got {value!r}")
     if typ in (int, float):
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads `1e-3`, without a dot, as a string
+            value = _number_or_none(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         if typ is int and isinstance(value, float) and not value.is_integer():
@@ -157,6 +161,15 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     if typ is str:
         return str(value)
     return value
+
+
+def _number_or_none(text: str) -> Any:
+    """'1e-3' -> 0.001 (finite numbers only); anything else is returned unchanged, to be rejected."""
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return number if math.isfinite(number) else text
 
 
 def from_dict(cls: type, data: Any, where: str = "") -> Any:
@@ -212,7 +225,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
                 base: dict[str, Any] | None = None) -> RunConfig:
     """Read a recipe (or start from `base`), apply `--set` overrides, and validate everything."""
-    tree: dict[str, Any] = dict(base or {})
+    tree: dict[str, Any] = copy.deepcopy(dict(base or {}))  # overrides must not write into the caller's dict
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -237,6 +250,7 @@ def expand_path(p: str | None) -> str | None:
         return None
     env = dict(os.environ)
     env.setdefault("KDFORGE_SHARED_DATA", str(default_shared_data()))
+    env.setdefault("KDFORGE_CACHE", "~/.cache/kdforge")
     for k, v in env.items():
         p = p.replace("${" + k + "}", v)
     return os.path.expanduser(os.path.expandvars(p))

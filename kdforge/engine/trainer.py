@@ -175,6 +175,9 @@ class Trainer:
         distiller.global_step = pos["step"]
         last_eval: dict[str, Any] = history[-1] if history else {}
         stopped_early = False
+        if ckpt is not None:  # the stage follows from the epoch, so a resumed run may also be extended
+            ends = [sum(s.epochs for s in stages[: i + 1]) for i in range(len(stages))]
+            pos["stage"] = next((i for i, end in enumerate(ends) if pos["epoch"] < end), len(stages))
         first_epoch_of_stage = sum(s.epochs for s in stages[: pos["stage"]])
 
         for stage_idx in range(pos["stage"], len(stages)):

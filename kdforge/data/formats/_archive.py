@@ -59,7 +59,7 @@ def iter_files(source: Path, want: Callable[[str], bool]) -> Iterator[tuple[str,
             if not member.isfile():
                 continue
             rel = member.name[2:] if member.name.startswith("./") else member.name
-            if Path(rel).name.startswith(".") or not want(rel):
+            if rel.rsplit("/", 1)[-1].startswith(".") or not want(rel):
                 continue
             f = tf.extractfile(member)
             if f is not None:
@@ -67,17 +67,20 @@ def iter_files(source: Path, want: Callable[[str], bool]) -> Iterator[tuple[str,
 
 
 def is_image(path: str) -> bool:
-    return path.lower().endswith(IMAGE_EXTENSIONS) and not Path(path).name.startswith(".")
+    return path.lower().endswith(IMAGE_EXTENSIONS) and not path.rsplit("/", 1)[-1].startswith(".")
 
 
-def _decode_chunk(items: list[tuple[str, bytes]], where: str) -> list[torch.Tensor]:
+def _decode_chunk(items: list[tuple[str, bytes]], where: str) -> list[torch.Tensor] | torch.Tensor:
+    """Decode a chunk to HWC tensors; stacked to (n, H, W, 3) here, in the worker, when all sizes agree."""
     out = []
     for name, data in items:
         try:
             img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         except (RuntimeError, ValueError) as e:
             raise ValueError(f"cannot decode image {name!r} in {where}: {e}") from e
-        out.append(img)
+        out.append(img.permute(1, 2, 0))
+    if all(o.shape == out[0].shape for o in out):
+        return torch.stack(out)
     return out
 
 
@@ -95,7 +98,7 @@ def decode_stream(
     """
     workers = workers or max(1, min(8, os.cpu_count() or 1))
     names: list[str] = []
-    futures: list[Future[list[torch.Tensor]]] = []
+    futures: list[Future] = []
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kdforge-decode") as pool:
         chunk: list[tuple[str, bytes]] = []
         for name, data in files:
@@ -106,17 +109,29 @@ def decode_stream(
                 chunk = []
         if chunk:
             futures.append(pool.submit(_decode_chunk, chunk, where))
-        decoded: list[torch.Tensor] = []
-        for fut in futures:
-            decoded.extend(fut.result())  # re-raises the first decode error, naming the file
-    if not decoded:
+        try:
+            parts = [fut.result() for fut in futures]  # re-raises the first decode error, naming the file
+        except BaseException:
+            for fut in futures:
+                fut.cancel()
+            raise
+    if not names:
         return names, np.zeros((0, *(size or (0, 0)), 3), dtype=np.uint8)
-    h, w = size or tuple(decoded[0].shape[-2:])
-    out = np.empty((len(decoded), h, w, 3), dtype=np.uint8)
-    for i, img in enumerate(decoded):
-        if tuple(img.shape[-2:]) != (h, w):
-            img = F.interpolate(img[None], size=(h, w), mode="bilinear", antialias=True)[0]
-        out[i] = img.permute(1, 2, 0).numpy()
+    first = parts[0] if isinstance(parts[0], list) else parts[0][0]
+    h, w = size or (int(first.shape[0]), int(first.shape[1]))
+    out = np.empty((len(names), h, w, 3), dtype=np.uint8)
+    pos = 0
+    for part in parts:
+        if isinstance(part, torch.Tensor) and tuple(part.shape[1:3]) == (h, w):
+            out[pos:pos + len(part)] = part.numpy()
+            pos += len(part)
+            continue
+        for img in part:
+            if tuple(img.shape[:2]) != (h, w):
+                img = F.interpolate(img.permute(2, 0, 1)[None], size=(h, w), mode="bilinear", antialias=True)
+                img = img[0].permute(1, 2, 0)
+            out[pos] = img.numpy()
+            pos += 1
     return names, out
 
 

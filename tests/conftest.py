@@ -1,0 +1,99 @@
+"""Shared fixtures: tiny synthetic data, tiny models and loaders, so engine and method tests run in seconds.
+
+`TinyNet` names its parts like the CIFAR ResNets (`layer1`..`layer3`, `avgpool`, `linear`), so every
+method's default feature layers exist in it, and it has BatchNorm (running statistics to check) but no
+dropout. Everything is seeded: two calls with the same seed give the same weights and the same batches.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import kdforge  # noqa: F401  (registers models and distillers)
+from kdforge.data.decoded import DecodedData
+from kdforge.data.loader import BatchLoader
+from kdforge.data.synthetic import make_synthetic
+from kdforge.data.transforms import BatchAugment
+
+IMAGE_SIZE = 16
+N_TRAIN, N_TEST, BATCH = 64, 32, 16  # 4 batches per epoch
+
+
+def _block(c_in: int, c_out: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())
+
+
+class TinyNet(nn.Module):
+    """conv stem, three stages (stride 1, 2, 2), global pooling and a linear head: ResNet-like names."""
+
+    def __init__(self, num_classes: int = 10, width: int = 8) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.layer1 = _block(width, width, 1)
+        self.layer2 = _block(width, 2 * width, 2)
+        self.layer3 = _block(2 * width, 4 * width, 2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.linear = nn.Linear(4 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.linear(self.avgpool(x).flatten(1))
+
+
+def tiny_net(seed: int = 0, width: int = 8, num_classes: int = 10) -> TinyNet:
+    """A TinyNet whose initial weights depend only on `seed` (the global RNG is left untouched)."""
+    state = torch.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        return TinyNet(num_classes, width)
+    finally:
+        torch.set_rng_state(state)
+
+
+@pytest.fixture(scope="session")
+def synth() -> dict[str, DecodedData]:
+    """64 train / 32 test generated 16x16 images, 10 classes."""
+    return make_synthetic(N_TRAIN, N_TEST, num_classes=10, size=IMAGE_SIZE, seed=0)
+
+
+@pytest.fixture
+def aug_loader(synth) -> BatchLoader:
+    """Shuffled, random crop + flip: not deterministic."""
+    return BatchLoader(synth["train"], BATCH, drop_last=True, augment=BatchAugment(2, True), seed=1)
+
+
+@pytest.fixture
+def plain_loader(synth) -> BatchLoader:
+    """Shuffled, no augmentation: deterministic per sample index."""
+    return BatchLoader(synth["train"], BATCH, drop_last=True, seed=1)
+
+
+@pytest.fixture
+def val_loader(synth) -> BatchLoader:
+    return BatchLoader(synth["test"], 32, shuffle=False, prefetch=0)
+
+
+@pytest.fixture
+def student() -> TinyNet:
+    return tiny_net(seed=1, width=4)
+
+
+@pytest.fixture
+def teacher() -> TinyNet:
+    return tiny_net(seed=2, width=8)
+
+
+def state_copy(module: nn.Module) -> dict[str, torch.Tensor]:
+    return copy.deepcopy({k: v.detach().clone() for k, v in module.state_dict().items()})
+
+
+def assert_states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """Bit-identical state dicts; the message names the first tensor that differs."""
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"tensor {k!r} differs (max abs diff {(a[k].float() - b[k].float()).abs().max()})"
