@@ -57,6 +57,11 @@ def _loader_info(loader: Iterable) -> dict[str, Any]:
             size = None
     info["n_data"] = size
     shape = getattr(loader, "image_shape", None)
+    if shape is None and hasattr(loader, "get_batch"):  # kdforge's BatchLoader: builds one batch, no side effects
+        try:
+            shape = tuple(loader.get_batch(0)["image"].shape[1:])
+        except Exception:
+            shape = None
     if shape is None and hasattr(loader, "dataset"):
         try:
             first = loader.dataset[0]  # type: ignore[index]
@@ -72,7 +77,7 @@ def build_distiller(method: str, student: nn.Module, teacher: nn.Module | None, 
                     **kwargs: Any):
     """Instantiate a registered method, filling `n_data` / `input_shape` from the loader when it takes them."""
     cls = DISTILLERS.get(method)
-    check_kwargs(cls.__init__, kwargs, f"method {method!r}")
+    check_kwargs(cls.__init__, kwargs, f"method {method!r}", also=sorted(_TRAIN_FIELDS))
     import inspect
 
     params = inspect.signature(cls.__init__).parameters
@@ -108,6 +113,8 @@ def distill(student: nn.Module, teacher: nn.Module | None, train_loader: Iterabl
         raise ConfigError(f"unknown method {method!r}{did_you_mean(method, DISTILLERS.names())}"
                           f" (registered: {', '.join(DISTILLERS.names())})")
     cfg, method_opts = _split_options(options, train)
+    if seed is not None:  # before the distiller: its extra modules (regressors, embedders) draw their init
+        seed_everything(seed)
     distiller = build_distiller(method, student, teacher, train_loader, **method_opts)
     if cfg.teacher_cache and teacher is not None:
         deterministic = getattr(train_loader, "deterministic", None)
@@ -119,8 +126,6 @@ def distill(student: nn.Module, teacher: nn.Module | None, train_loader: Iterabl
                           "outputs are only correct if each sample index always gives the same image",
                           stacklevel=2)
         distiller.enable_teacher_cache()
-    if seed is not None:
-        seed_everything(seed)
     trainer = Trainer(cfg, run_dir, evaluator=evaluator, config_dict=config_dict)
     fit = trainer.fit(distiller, train_loader, val_loader, resume=resume)
     return DistillResult(student=distiller.student, metrics=fit.metrics, history=fit.history,

@@ -28,9 +28,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_prepare(a: argparse.Namespace) -> int:
-    from kdforge.data.prepare import prepare
-
     from kdforge.config import expand_path
+    from kdforge.data.prepare import prepare
 
     out = prepare(a.name, expand_path(a.source), expand_path(a.root), force=a.force)
     print(f"decoded cache ready: {out}")

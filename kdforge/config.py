@@ -12,7 +12,7 @@ import dataclasses
 import inspect
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -46,12 +46,14 @@ class DataConfig:
     eval_batch_size: int = 512
     crop_pad: int = 4  # random crop with this zero padding; 0 disables
     flip: bool = True
+    resize: int | None = None  # resize every image to this side (e.g. 32 -> 224 for an ImageNet-shaped model)
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     train_subset: int | None = None  # first-N (seeded) subset of the train split, for quick runs
     val_subset: int | None = None
     synthetic_train: int = 10000  # sizes of the generated dataset when name == synthetic
     synthetic_test: int = 2000
+    synthetic_size: int = 32
 
 
 @dataclass
@@ -188,13 +190,15 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
         path = f"{where}.{key}" if where else str(key)
         if key in fields and key != "kwargs":
             kwargs[key] = _coerce(value, hints[key], path)
+        elif key == "kwargs" and cls in _OPEN:  # an explicit `kwargs:` mapping, merged below
+            _coerce(value, dict, path)
         elif cls in _OPEN:
             extra[key] = value
         else:
             valid = sorted(fields)
             raise ConfigError(f"unknown config key {path!r}{did_you_mean(str(key), valid)} (valid: {', '.join(valid)})")
     if cls in _OPEN:
-        kwargs["kwargs"] = {**data.get("kwargs", {}), **extra}
+        kwargs["kwargs"] = {**(data.get("kwargs") or {}), **extra}
     return cls(**kwargs)
 
 
@@ -263,8 +267,12 @@ def default_shared_data() -> Path:
     return Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def check_kwargs(fn: Callable[..., Any], kwargs: dict[str, Any], what: str) -> None:
-    """Reject keyword arguments that `fn` does not take, naming them and the closest accepted one."""
+def check_kwargs(fn: Callable[..., Any], kwargs: dict[str, Any], what: str, also: Iterable[str] = ()) -> None:
+    """Reject keyword arguments that `fn` does not take, naming them and the closest accepted one.
+
+    `also` are other valid names the caller routes elsewhere (the API's training options), offered as
+    suggestions too: `epoch=2` should point to `epochs` even though the method does not take it.
+    """
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):
@@ -275,5 +283,5 @@ def check_kwargs(fn: Callable[..., Any], kwargs: dict[str, Any], what: str) -> N
     accepted = [n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
     for key in kwargs:
         if key not in accepted:
-            raise ConfigError(f"unknown option {key!r} for {what}{did_you_mean(key, accepted)}"
+            raise ConfigError(f"unknown option {key!r} for {what}{did_you_mean(key, [*accepted, *also])}"
                               f" (accepted: {', '.join(accepted)})")

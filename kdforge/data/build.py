@@ -32,7 +32,7 @@ def load_splits(cfg: Any) -> tuple[Any, Any]:
     from kdforge.data.synthetic import make_synthetic
 
     if cfg.name == "synthetic":
-        splits = make_synthetic(cfg.synthetic_train, cfg.synthetic_test, seed=0)
+        splits = make_synthetic(cfg.synthetic_train, cfg.synthetic_test, size=cfg.synthetic_size, seed=0)
         return splits["train"], splits["test"]
     root = Path(expand_path(cfg.root))
     try:
@@ -50,10 +50,10 @@ def build_loaders(cfg: Any, *, seed: int = 0) -> DataBundle:
 
     train, val = load_splits(cfg)
     train, val = _subset(train, cfg.train_subset, 0), _subset(val, cfg.val_subset, 1)
-    augment = BatchAugment(crop_pad=cfg.crop_pad, flip=cfg.flip)
+    augment = BatchAugment(crop_pad=cfg.crop_pad, flip=cfg.flip, resize=cfg.resize)
     train_loader = BatchLoader(train, cfg.batch_size, shuffle=True, drop_last=True, augment=augment,
                                mean=cfg.mean, std=cfg.std, seed=seed)
     val_loader = BatchLoader(val, cfg.eval_batch_size, shuffle=False, drop_last=False, mean=cfg.mean, std=cfg.std,
-                             seed=seed)
-    h, w = train.image_size
+                             seed=seed, augment=BatchAugment(resize=cfg.resize))
+    h, w = (cfg.resize, cfg.resize) if cfg.resize else train.image_size
     return DataBundle(train_loader, val_loader, train.num_classes, list(train.classes), (3, h, w))

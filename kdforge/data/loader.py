@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from kdforge.data.decoded import DecodedData
-from kdforge.data.transforms import BatchAugment, normalize
+from kdforge.data.transforms import BatchAugment, crop_flip_numpy, normalize_numpy, resize
 
 #: ImageNet statistics, also what the public CIFAR ResNets (shared/data/cifar10-resnets) were trained with.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -143,13 +143,18 @@ class BatchLoader:
         """Build the batch of samples `idx` as batch `batch_idx` of `epoch` (its augmentation seed)."""
         e = self.epoch if epoch is None else epoch
         idx_np = idx.numpy()
-        # np.take on the memmap copies just these rows; sorted reads would not help: the cache is in RAM.
-        x = torch.from_numpy(np.take(self.data.images, idx_np, axis=0))  # (B, H, W, 3) uint8
-        if self.augment.is_random or self.augment.resize is not None:
-            x = self.augment(x, _generator(self.seed, _AUGMENT, e, batch_idx), channels_last=True)
-        img = normalize(x, self.mean, self.std, channels_last=True).permute(0, 3, 1, 2)
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        img = img.contiguous(memory_format=fmt)
+        # Batch work is numpy (single-threaded, GIL released): torch's intra-op pool, shared with the model
+        # running in the main thread, made these small ops up to 50x slower on a busy 2-core machine.
+        x = np.take(self.data.images, idx_np, axis=0)  # (B, H, W, 3) uint8; copies just these rows
+        aug = self.augment
+        if aug.is_random:
+            x = crop_flip_numpy(x, aug.crop_pad, aug.flip, _generator(self.seed, _AUGMENT, e, batch_idx))
+        if aug.resize is not None:
+            x = resize(torch.from_numpy(x), aug.resize, channels_last=True).numpy()
+        out = normalize_numpy(x, self.mean, self.std, channels_last=True, out_nchw=not self.channels_last)
+        img = torch.from_numpy(out)
+        if self.channels_last:
+            img = img.permute(0, 3, 1, 2)  # NCHW shape, channels_last memory: no copy
         batch = {"image": img, "label": self._labels[idx], "index": idx.clone()}
         for k, col in self._attrs.items():
             batch[k] = col[idx]

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from kdforge.engine.optim import build_optimizer
-from kdforge.registry import did_you_mean
+from kdforge.registry import RegistryError, did_you_mean
 
 Batch = dict[str, Any]
 
@@ -61,7 +61,7 @@ class FeatureTaps:
                 path = last_linear(model)
             if path not in modules or path == "" or side not in ("", "in", "out"):
                 choices = [n for n in modules if n]
-                raise KeyError(f"unknown feature module {name!r} in {role} "
+                raise RegistryError(f"unknown feature module {name!r} in {role} "
                                f"({type(model).__name__}){did_you_mean(path, choices)}")
             self._handles.append(modules[path].register_forward_hook(self._keeper(name, side == "in")))
 

@@ -16,6 +16,8 @@ def _clean(v: Any) -> Any:
 class MetricsLogger:
     def __init__(self, run_dir: Path | None, tensorboard: bool = False) -> None:
         self.path = None if run_dir is None else Path(run_dir) / "metrics.jsonl"
+        if self.path is not None:  # `distill(run_dir=...)` may name a folder that does not exist yet
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self.records: list[dict[str, Any]] = []
         self._tb = None
         if tensorboard and run_dir is not None:

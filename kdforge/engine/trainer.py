@@ -125,7 +125,8 @@ class Trainer:
             return it
         return iter(loader)
 
-    def _save(self, name: str, distiller, opts, scheds, scaler, pos: dict[str, int], history, epoch_rng) -> None:
+    def _save(self, name: str, distiller, opts, scheds, scaler, pos: dict[str, int], history, epoch_rng,
+              sums: dict[str, torch.Tensor] | None = None, n_done: int = 0) -> None:
         if self.run_dir is None:
             return
         state = {
@@ -138,6 +139,9 @@ class Trainer:
             "position": pos,
             "rng": rng_state(),
             "epoch_rng": epoch_rng,
+            # the epoch's running loss sums, so a run resumed mid-epoch logs the same means as an unbroken one
+            "epoch_sums": {k: float(v) for k, v in (sums or {}).items()},
+            "epoch_batches": n_done,
             "history": history,
             "config": self.config_dict,
         }
@@ -203,6 +207,10 @@ class Trainer:
                 distiller.train()
                 sums: dict[str, torch.Tensor] = {}
                 n_done = 0
+                if start:  # float32 sums round-trip exactly through Python floats
+                    sums = {k: torch.tensor(v, dtype=torch.float32, device=self.device)
+                            for k, v in ckpt.get("epoch_sums", {}).items()}
+                    n_done = int(ckpt.get("epoch_batches", 0))
                 t0 = time.perf_counter()
                 bar = tqdm(self._batches(train_loader, epoch, start, epoch_rng), total=steps_per_epoch,
                            initial=start, disable=not cfg.progress, leave=False,
@@ -229,11 +237,12 @@ class Trainer:
                                     "lr": opts[main_name].param_groups[0]["lr"], **rec})
                     done = {"stage": stage_idx, "epoch": epoch, "batch": batch_idx + 1, "step": pos["step"]}
                     if cfg.checkpoint_every and pos["step"] % cfg.checkpoint_every == 0:
-                        self._save("last.pt", distiller, opts, scheds, scaler, done, history, epoch_rng)
+                        self._save("last.pt", distiller, opts, scheds, scaler, done, history, epoch_rng, sums, n_done)
                     if cfg.max_steps is not None and pos["step"] >= cfg.max_steps:
                         stopped_early = batch_idx + 1 < steps_per_epoch or epoch + 1 < cfg.epochs
                         if stopped_early:
-                            self._save("last.pt", distiller, opts, scheds, scaler, done, history, epoch_rng)
+                            self._save("last.pt", distiller, opts, scheds, scaler, done, history, epoch_rng,
+                                       sums, n_done)
                             break
                 bar.close()
                 if stopped_early:
@@ -275,7 +284,7 @@ class Trainer:
         for k, v in losses.items():
             if not torch.isfinite(v).all():
                 raise NonFiniteLossError(
-                    f"loss term {k!r} is {float(v)} at epoch {epoch + 1}, step {step + 1}; training stopped, "
+                    f"loss term {k!r} is {float(v.detach())} at epoch {epoch + 1}, step {step + 1}; training stopped, "
                     f"the last good checkpoint is kept (try a lower lr, train.grad_clip or precision 32)")
         if not live:  # a game that stepped everything itself
             return None

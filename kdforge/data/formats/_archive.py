@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import tarfile
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -17,6 +18,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_image
+
+# torchvision 0.29 deprecates its image codecs in favour of TorchCodec, which is not a kdforge dependency;
+# decode_image still works and is what this module needs, so that one message is silenced (only it).
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 _CHUNK = 512  # images per decode task: large enough to amortise the pool's per-task cost
@@ -27,8 +33,10 @@ def is_tar(path: Path) -> bool:
     return path.is_file() and (name.endswith((".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")))
 
 
-def check_source(source: str | Path) -> Path:
+def check_source(source: str | Path | None) -> Path:
     """The source as a Path; a clear error naming it when it does not exist."""
+    if source is None or str(source) == "":
+        raise ValueError("no dataset source given: pass a directory, .tar or .tar.gz (--source PATH)")
     path = Path(source).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"dataset source not found: {path}")
@@ -117,7 +125,7 @@ def decode_stream(
             raise
     if not names:
         return names, np.zeros((0, *(size or (0, 0)), 3), dtype=np.uint8)
-    first = parts[0] if isinstance(parts[0], list) else parts[0][0]
+    first = parts[0][0]  # a list of HWC images or a stacked (n, H, W, 3) tensor
     h, w = size or (int(first.shape[0]), int(first.shape[1]))
     out = np.empty((len(names), h, w, 3), dtype=np.uint8)
     pos = 0

@@ -1,0 +1,29 @@
+"""Shared bits of the speed benchmarks: interleaved A/B timing, since these machines are noisy."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def fixed_batches(n: int, batch_size: int, size: int = 32, classes: int = 10, seed: int = 0) -> list[dict]:
+    """`n` in-memory dict batches with dataset indices, so data loading is not what is measured."""
+    g = torch.Generator().manual_seed(seed)
+    return [{"image": torch.randn(batch_size, 3, size, size, generator=g),
+             "label": torch.randint(0, classes, (batch_size,), generator=g),
+             "index": torch.arange(i * batch_size, (i + 1) * batch_size)} for i in range(n)]
+
+
+def interleaved(fns: dict[str, Callable[[], None]], rounds: int = 5) -> dict[str, float]:
+    """Median seconds of each function, run in alternation `rounds` times after one warm-up each."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
