@@ -10,13 +10,12 @@ import copy
 
 import torch
 import torch.nn.functional as F
+from _common import fixed_batches, interleaved  # noqa: E402  (benchmarks/ is run as a script folder)
 
 import kdforge
 from kdforge.config import TrainConfig
 from kdforge.distillers.scratch import Scratch
 from kdforge.engine.trainer import Trainer
-
-from _common import fixed_batches, interleaved  # noqa: E402  (benchmarks/ is run as a script folder)
 
 
 def main() -> None:

@@ -9,14 +9,13 @@ from __future__ import annotations
 import argparse
 
 import torch
+from _common import fixed_batches, interleaved  # noqa: E402
 
 import kdforge
 from kdforge.config import TrainConfig
 from kdforge.distillers.kd import HintonKD
 from kdforge.distillers.scratch import Scratch
 from kdforge.engine.trainer import Trainer
-
-from _common import fixed_batches, interleaved  # noqa: E402
 
 
 def main() -> None:

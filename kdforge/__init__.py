@@ -3,7 +3,7 @@
 The Python API (`distill`, `train`, `evaluate`, `run_recipe`, `demo`) takes plain nn.Modules and
 loaders; the `kdforge` command is a thin layer over it.
 """
-from kdforge import distillers, losses, metrics, models  # noqa: F401  (registers everything)
+from kdforge import data, distillers, losses, metrics, models  # noqa: F401  (registers everything)
 from kdforge.api import DistillResult, distill, evaluate, load_student, run_recipe, train
 from kdforge.config import RunConfig, TrainConfig, load_config
 from kdforge.distillers.base import Distiller, FeatureTaps, Stage

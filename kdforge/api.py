@@ -90,10 +90,19 @@ def build_distiller(method: str, student: nn.Module, teacher: nn.Module | None, 
     return cls(student, teacher, **kwargs)
 
 
-def _split_options(options: dict[str, Any], train: TrainConfig | dict[str, Any] | None) -> tuple[TrainConfig, dict]:
+def _split_options(options: dict[str, Any], train: TrainConfig | dict[str, Any] | None, method: str,
+                   method_options: dict[str, Any] | None) -> tuple[TrainConfig, dict]:
+    """Tell training settings from method options by name; a name that is both must be passed explicitly."""
+    import inspect
+
     base = train if isinstance(train, TrainConfig) else TrainConfig(**(train or {}))
+    method_params = set(inspect.signature(DISTILLERS.get(method).__init__).parameters)
+    clash = sorted(k for k in options if k in _TRAIN_FIELDS and k in method_params)
+    if clash:
+        raise ConfigError(f"option(s) {clash} name both a training setting and an option of method {method!r}; "
+                          f"pass them in train={{...}} or method_options={{...}}")
     train_opts = {k: v for k, v in options.items() if k in _TRAIN_FIELDS}
-    method_opts = {k: v for k, v in options.items() if k not in _TRAIN_FIELDS}
+    method_opts = {**(method_options or {}), **{k: v for k, v in options.items() if k not in _TRAIN_FIELDS}}
     return dataclasses.replace(base, **train_opts), method_opts
 
 
@@ -102,7 +111,8 @@ def distill(student: nn.Module, teacher: nn.Module | None, train_loader: Iterabl
             resume: bool | str | Path = False, seed: int | None = 0,
             train: TrainConfig | dict[str, Any] | None = None,
             evaluator: Callable[..., dict[str, Any]] | None = None,
-            config_dict: dict[str, Any] | None = None, **options: Any) -> DistillResult:
+            config_dict: dict[str, Any] | None = None, method_options: dict[str, Any] | None = None,
+            **options: Any) -> DistillResult:
     """Distil `teacher` into `student` with a registered method and return the trained student.
 
     `options` are training settings (any TrainConfig field: epochs, lr, optimizer, schedule, ...) and the
@@ -112,7 +122,7 @@ def distill(student: nn.Module, teacher: nn.Module | None, train_loader: Iterabl
     if method not in DISTILLERS:
         raise ConfigError(f"unknown method {method!r}{did_you_mean(method, DISTILLERS.names())}"
                           f" (registered: {', '.join(DISTILLERS.names())})")
-    cfg, method_opts = _split_options(options, train)
+    cfg, method_opts = _split_options(options, train, method, method_options)
     if seed is not None:  # before the distiller: its extra modules (regressors, embedders) draw their init
         seed_everything(seed)
     distiller = build_distiller(method, student, teacher, train_loader, **method_opts)
@@ -221,7 +231,7 @@ def run_recipe(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
             teacher_metrics = _cached_teacher_eval(run_dir, teacher, data.val, cfg.train.device)
     result = distill(student, teacher, data.train, method=method, val_loader=data.val, run_dir=run_dir,
                      resume=resume, seed=cfg.seed, train=cfg.train, config_dict=cfg.to_dict(),
-                     **cfg.method.kwargs)
+                     method_options=cfg.method.kwargs)
     result.teacher_metrics = teacher_metrics
     write_run_report(run_dir, cfg, result)
     return result

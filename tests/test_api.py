@@ -154,3 +154,27 @@ def test_cifar10_recipe_two_steps(tmp_path, capsys):
     assert code == 0
     teacher = json.loads((tmp_path / "kd_resnet20_from_resnet56" / "teacher_metrics.json").read_text())
     assert 75.0 < teacher["top1"] < 92.0  # ResNet-56 on the JPEG test images: about 83 %
+
+
+def test_method_options_never_leak_into_training_settings():
+    """A method option named like a training setting (here `gamma`) must reach the method, or be refused."""
+    from kdforge.distillers.kd import HintonKD
+
+    class GammaKD(HintonKD):
+        def __init__(self, student, teacher, *, gamma: float = 1.0):
+            super().__init__(student, teacher)
+            self.gamma_seen = gamma
+
+    DISTILLERS.register("_gamma_kd_test")(GammaKD)
+    try:
+        from kdforge.data import BatchLoader, make_synthetic
+
+        loader = BatchLoader(make_synthetic(64, 8, size=16)["train"], 32)
+        s, t = MODELS.build("resnet20"), MODELS.build("resnet20")
+        with pytest.raises(ConfigError, match="gamma"):
+            kdforge.distill(s, t, loader, method="_gamma_kd_test", gamma=0.3, max_steps=1, progress=False)
+        res = kdforge.distill(s, t, loader, method="_gamma_kd_test", method_options={"gamma": 0.3}, max_steps=1,
+                              progress=False)
+        assert res.distiller.gamma_seen == 0.3
+    finally:
+        DISTILLERS._items.pop("_gamma_kd_test")

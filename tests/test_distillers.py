@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 #: The loss terms each method returns in its first steps (FitNet: its hint stage). A new method must add
 #: itself here: the test below fails for a registered name without an entry.
 EXPECTED_LOSSES = {
-    "at": {"ce", "attentiontransfer"},
+    "at": {"ce", "at"},
     "crd": {"ce", "crd"},
     "fitnet": {"hint"},
     "kd": {"ce", "kd"},

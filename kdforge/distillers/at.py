@@ -13,6 +13,8 @@ from kdforge.registry import DISTILLERS
 @DISTILLERS.register("at")
 class AttentionTransfer(FeatureDistiller):
     """CE + beta/2 * sum over layer pairs of ||Q_s/|Q_s| - Q_t/|Q_t|||^2 (mean over positions), p = 2."""
+    loss_name = "at"
+
 
     def __init__(self, student: nn.Module, teacher: nn.Module, *,
                  student_layers: Sequence[str] = ("layer1", "layer2", "layer3"),

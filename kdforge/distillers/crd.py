@@ -21,6 +21,8 @@ from kdforge.registry import DISTILLERS
 
 @DISTILLERS.register("crd")
 class CRD(FeatureDistiller):
+    loss_name = "crd"
+
     def __init__(self, student: nn.Module, teacher: nn.Module, *, n_data: int, student_layer: str = "auto:in",
                  teacher_layer: str = "auto:in", feat_dim: int = 128, num_negatives: int = 4096,
                  nce_temperature: float = 0.07, momentum: float = 0.5, beta: float = 0.8, alpha: float = 0.0,

@@ -1,4 +1,4 @@
-"""Shared shape of the feature-based methods: gamma * CE + alpha * KD + beta * L_feat(student, teacher).
+"""Shared shape of the feature-based methods: ce_weight * CE + alpha * KD + beta * L_feat(student, teacher).
 
 This is the common protocol of the CRD benchmark (Tian et al. 2020): every feature method may be
 combined with the Hinton term; by default only CE and the method's own term are on (alpha = 0).
@@ -19,7 +19,7 @@ class FeatureDistiller(Distiller):
     """Subclasses implement `feature_loss(student_feats, teacher_feats, batch)`."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, *, student_layers: Sequence[str],
-                 teacher_layers: Sequence[str], beta: float, gamma: float = 1.0, alpha: float = 0.0,
+                 teacher_layers: Sequence[str], beta: float, ce_weight: float = 1.0, alpha: float = 0.0,
                  temperature: float = 4.0) -> None:
         if isinstance(student_layers, str):
             student_layers = [student_layers]
@@ -31,7 +31,7 @@ class FeatureDistiller(Distiller):
         self.student_features = tuple(student_layers)
         self.teacher_features = tuple(teacher_layers)
         super().__init__(student, teacher)
-        self.beta, self.gamma, self.alpha, self.temperature = beta, gamma, alpha, temperature
+        self.beta, self.ce_weight, self.alpha, self.temperature = beta, ce_weight, alpha, temperature
 
     def feature_loss(self, s_feats: list[torch.Tensor], t_feats: list[torch.Tensor], batch: Batch) -> torch.Tensor:
         raise NotImplementedError
@@ -39,15 +39,13 @@ class FeatureDistiller(Distiller):
     def training_step(self, batch: Batch):
         t_logits, t_feats = self.run_teacher(batch)
         s_logits, s_feats = self.run_student(batch["image"])
-        out = {"ce": self.gamma * F.cross_entropy(s_logits, batch["label"])}
+        out = {"ce": self.ce_weight * F.cross_entropy(s_logits, batch["label"])}
         if self.alpha:
             out["kd"] = self.alpha * kd_div(s_logits, t_logits.float(), self.temperature)
         out[self.loss_name] = self.beta * self.feature_loss(s_feats, [t.float() for t in t_feats], batch)
         return out
 
-    @property
-    def loss_name(self) -> str:
-        return type(self).__name__.lower()
+    loss_name: str = "feat"  # the key of the method's own term in the losses dict (and in metrics.jsonl)
 
 
 def check_pairs(method: str, s_shapes: list[torch.Size], t_shapes: list[torch.Size], names: list[tuple[str, str]],

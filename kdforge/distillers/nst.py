@@ -13,6 +13,8 @@ from kdforge.registry import DISTILLERS
 @DISTILLERS.register("nst")
 class NST(FeatureDistiller):
     """CE + beta/2 * MMD^2 with the polynomial kernel (x^T y)^2 between per-channel activation maps."""
+    loss_name = "nst"
+
 
     def __init__(self, student: nn.Module, teacher: nn.Module, *, student_layers: Sequence[str] = ("layer3",),
                  teacher_layers: Sequence[str] = ("layer3",), beta: float = 50.0, alpha: float = 0.0,

@@ -11,6 +11,8 @@ from kdforge.registry import DISTILLERS
 @DISTILLERS.register("pkt")
 class PKT(FeatureDistiller):
     """CE + beta * KL between teacher and student cosine-kernel conditional distributions (penultimate)."""
+    loss_name = "pkt"
+
 
     def __init__(self, student: nn.Module, teacher: nn.Module, *, student_layer: str = "auto:in",
                  teacher_layer: str = "auto:in", beta: float = 30000.0, alpha: float = 0.0,

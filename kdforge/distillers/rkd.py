@@ -11,6 +11,8 @@ from kdforge.registry import DISTILLERS
 @DISTILLERS.register("rkd")
 class RKD(FeatureDistiller):
     """CE + beta * (w_dist * L_distance + w_angle * L_angle) on penultimate embeddings."""
+    loss_name = "rkd"
+
 
     def __init__(self, student: nn.Module, teacher: nn.Module, *, student_layer: str = "auto:in",
                  teacher_layer: str = "auto:in", beta: float = 1.0, w_dist: float = 25.0, w_angle: float = 50.0,

@@ -32,6 +32,8 @@ class _MeanPredictor(nn.Module):
 
 @DISTILLERS.register("vid")
 class VID(FeatureDistiller):
+    loss_name = "vid"
+
     def __init__(self, student: nn.Module, teacher: nn.Module, *, student_layers: Sequence[str] = ("layer3",),
                  teacher_layers: Sequence[str] = ("layer3",), beta: float = 1.0, init_var: float = 5.0,
                  eps: float = 1e-5, alpha: float = 0.0, temperature: float = 4.0,
