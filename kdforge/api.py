@@ -44,6 +44,7 @@ class DistillResult:
     run_dir: Path | None = None
     distiller: Any = None
     teacher_metrics: dict[str, Any] | None = None
+    stopped_early: bool = False  # train.max_steps ended the run before its last epoch
 
 
 def _loader_info(loader: Iterable) -> dict[str, Any]:
@@ -139,7 +140,7 @@ def distill(student: nn.Module, teacher: nn.Module | None, train_loader: Iterabl
     trainer = Trainer(cfg, run_dir, evaluator=evaluator, config_dict=config_dict)
     fit = trainer.fit(distiller, train_loader, val_loader, resume=resume)
     return DistillResult(student=distiller.student, metrics=fit.metrics, history=fit.history,
-                         run_dir=fit.run_dir, distiller=distiller)
+                         run_dir=fit.run_dir, distiller=distiller, stopped_early=fit.stopped_early)
 
 
 def train(model: nn.Module, train_loader: Iterable, **kwargs: Any) -> DistillResult:
@@ -223,6 +224,7 @@ def run_recipe(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
         if mc is not None:
             resolve_num_classes(mc, data.num_classes)
     save_config(cfg, run_dir / "config.yaml")  # the resolved config, num_classes included
+    _save_sample_grid(data.train, run_dir / "samples.png")
     student = build_model_from_config(cfg.student, role="student")
     teacher, teacher_metrics = None, None
     if use_teacher:
@@ -235,6 +237,15 @@ def run_recipe(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
     result.teacher_metrics = teacher_metrics
     write_run_report(run_dir, cfg, result)
     return result
+
+
+def _save_sample_grid(loader: Any, path: Path) -> None:
+    """The first training batch as the model sees it (after augmentation), to eyeball the data."""
+    if path.exists() or not hasattr(loader, "get_batch"):
+        return
+    from kdforge.data import make_grid_image
+
+    make_grid_image(loader.get_batch(0)["image"][:64], path, loader.mean, loader.std, nrow=8)
 
 
 def _cached_teacher_eval(run_dir: Path, teacher: nn.Module, loader: Iterable, device: str) -> dict[str, Any]:

@@ -56,7 +56,8 @@ def test_recipe_run_folder_eval_and_report(tmp_path, capsys):
     assert main(["distill", str(r0), "--no-teacher-eval"]) == 0
     assert main(["distill", str(r1), "--set", "train.lr=0.02"]) == 0
     run = tmp_path / "runs" / "kd_s0"
-    for f in ("config.yaml", "metrics.jsonl", "report.md", "curves.png", "summary.json", "checkpoints/last.pt"):
+    for f in ("config.yaml", "metrics.jsonl", "report.md", "curves.png", "samples.png", "summary.json",
+              "checkpoints/last.pt"):
         assert (run / f).exists(), f
     epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     epochs = [e for e in epochs if e["kind"] == "epoch"]
@@ -178,3 +179,20 @@ def test_method_options_never_leak_into_training_settings():
         assert res.distiller.gamma_seen == 0.3
     finally:
         DISTILLERS._items.pop("_gamma_kd_test")
+
+
+def test_tensorboard_without_the_package_says_how_to_install(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    from kdforge.engine.logging import MetricsLogger
+
+    with pytest.raises(ImportError, match="pip install tensorboard"):
+        MetricsLogger(tmp_path, tensorboard=True)

@@ -281,9 +281,10 @@ class Trainer:
         if not isinstance(losses, dict) or not losses:
             raise TypeError("training_step must return a non-empty dict of named losses")
         live = {k: v for k, v in losses.items() if v.requires_grad}
-        for k, v in losses.items():
-            if not torch.isfinite(v).all():
-                raise NonFiniteLossError(
+        terms = torch.stack([v.detach().float().sum() for v in losses.values()])
+        if not bool(torch.isfinite(terms).all()):  # one device sync a step; name the culprit only on failure
+            k, v = next((k, v) for k, v in losses.items() if not torch.isfinite(v.detach()).all())
+            raise NonFiniteLossError(
                     f"loss term {k!r} is {float(v.detach())} at epoch {epoch + 1}, step {step + 1}; training stopped, "
                     f"the last good checkpoint is kept (try a lower lr, train.grad_clip or precision 32)")
         if not live:  # a game that stepped everything itself

@@ -94,6 +94,8 @@ def write_run_report(run_dir: str | Path, cfg: Any, result: Any) -> Path:
         lines.append("")
     if plot is not None:
         lines += ["![training curves](curves.png)", ""]
+    if (run_dir / "samples.png").exists():
+        lines += ["A training batch as the student sees it:", "", "![training samples](samples.png)", ""]
     lines += ["The resolved configuration is in `config.yaml`; per-step and per-epoch metrics in `metrics.jsonl`.", ""]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines))
