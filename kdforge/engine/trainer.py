@@ -39,6 +39,25 @@ class FitResult:
     stopped_early: bool = False  # max_steps reached before the last epoch ended
 
 
+@dataclass
+class _Run:
+    """What one `fit` call carries between its epochs (and into its checkpoints)."""
+
+    distiller: Any
+    logger: MetricsLogger
+    scaler: Any
+    pos: dict[str, int] = field(default_factory=lambda: {"epoch": 0, "batch": 0, "step": 0})
+    history: list[dict[str, Any]] = field(default_factory=list)
+    opts: dict[str, torch.optim.Optimizer] = field(default_factory=dict)
+    scheds: dict[str, Any] = field(default_factory=dict)
+    epoch_rng: torch.Tensor | None = None
+    sums: dict[str, Any] = field(default_factory=dict)
+    n_done: int = 0
+    t0: float = 0.0
+    stage_idx: int = 0
+    stage_end: int = 0  # the epoch at which the current stage ends
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -125,31 +144,31 @@ class Trainer:
             return it
         return iter(loader)
 
-    def _save(self, name: str, distiller, opts, scheds, scaler, pos: dict[str, int], history, epoch_rng,
-              sums: dict[str, torch.Tensor] | None = None, n_done: int = 0) -> None:
+    def _save(self, run: _Run, position: dict[str, int], *, mid_epoch: bool) -> None:
         if self.run_dir is None:
             return
         state = {
             "format": CHECKPOINT_FORMAT,
-            "model": distiller.student.state_dict(),
-            "distiller": distiller.state_for_checkpoint(),
-            "optimizers": {k: o.state_dict() for k, o in opts.items()},
-            "schedulers": {k: s.state_dict() for k, s in scheds.items()},
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "position": pos,
+            "model": run.distiller.student.state_dict(),
+            "distiller": run.distiller.state_for_checkpoint(),
+            "optimizers": {k: o.state_dict() for k, o in run.opts.items()},
+            "schedulers": {k: s.state_dict() for k, s in run.scheds.items()},
+            "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+            "position": position,
             "rng": rng_state(),
-            "epoch_rng": epoch_rng,
+            "epoch_rng": run.epoch_rng if mid_epoch else None,
             # the epoch's running loss sums, so a run resumed mid-epoch logs the same means as an unbroken one
-            "epoch_sums": {k: float(v) for k, v in (sums or {}).items()},
-            "epoch_batches": n_done,
-            "history": history,
+            "epoch_sums": {k: float(v) for k, v in run.sums.items()} if mid_epoch else {},
+            "epoch_batches": run.n_done if mid_epoch else 0,
+            "history": run.history,
             "config": self.config_dict,
         }
-        atomic_save(state, self.run_dir / "checkpoints" / name)
+        atomic_save(state, self.run_dir / "checkpoints" / "last.pt")
 
     # ------------------------------------------------------------------ the loop
     def fit(self, distiller, train_loader: Iterable, val_loader: Iterable | None = None,
             resume: bool | str | Path = False) -> FitResult:
+        """Train through every stage of `distiller`; evaluate on `val_loader` after each epoch."""
         cfg = self.cfg
         distiller.to(self.device)
         if cfg.channels_last:
@@ -158,122 +177,121 @@ class Trainer:
         if steps_per_epoch == 0:
             raise ValueError("the train loader yields no batches (dataset smaller than one batch with drop_last?)")
         stages = distiller.stages(cfg.epochs)
-        logger = MetricsLogger(self.run_dir, cfg.tensorboard)
-
-        pos = {"stage": 0, "epoch": 0, "batch": 0, "step": 0}
-        history: list[dict[str, Any]] = []
-        ckpt = None
-        if resume:
-            path = Path(resume) if not isinstance(resume, bool) else self.run_dir / "checkpoints" / "last.pt"
-            ckpt = load_checkpoint(path)
-            if ckpt.get("format") != CHECKPOINT_FORMAT:
-                raise RuntimeError(f"{path} is not a kdforge training checkpoint (format {ckpt.get('format')!r})")
-            distiller.load_from_checkpoint(ckpt["distiller"])
-            pos, history = dict(ckpt["position"]), list(ckpt["history"])
-            logger.truncate_after(pos["step"])
-
         use_scaler = str(cfg.precision) in ("16", "fp16") and self.device.type == "cuda"
-        scaler = torch.amp.GradScaler("cuda") if use_scaler else None
-        if scaler is not None and ckpt is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        distiller.global_step = pos["step"]
-        last_eval: dict[str, Any] = history[-1] if history else {}
-        stopped_early = False
-        if ckpt is not None:  # the stage follows from the epoch, so a resumed run may also be extended
-            ends = [sum(s.epochs for s in stages[: i + 1]) for i in range(len(stages))]
-            pos["stage"] = next((i for i, end in enumerate(ends) if pos["epoch"] < end), len(stages))
-        first_epoch_of_stage = sum(s.epochs for s in stages[: pos["stage"]])
+        run = _Run(distiller, MetricsLogger(self.run_dir, cfg.tensorboard),
+                   torch.amp.GradScaler("cuda") if use_scaler else None)
+        ckpt = self._restore(run, resume) if resume else None
+        ends = [sum(s.epochs for s in stages[: i + 1]) for i in range(len(stages))]
+        # the stage follows from the epoch, so a resumed run may also be extended with more epochs
+        first_stage = next((i for i, end in enumerate(ends) if run.pos["epoch"] < end), len(stages))
 
-        for stage_idx in range(pos["stage"], len(stages)):
-            stage = stages[stage_idx]
+        for stage_idx in range(first_stage, len(stages)):
+            stage, stage_begin = stages[stage_idx], ends[stage_idx] - stages[stage_idx].epochs
             distiller.set_stage(stage.name)
+            run.stage_idx, run.stage_end = stage_idx, ends[stage_idx]
             stage_steps = stage.epochs * steps_per_epoch
-            opts = distiller.configure_optimizers(stage.name, cfg, stage_steps)
-            scheds = {k: build_scheduler(o, cfg, stage_steps, steps_per_epoch) for k, o in opts.items()}
-            distiller.optimizers = opts
-            main_name = next(iter(opts))
-            if ckpt is not None and stage_idx == pos["stage"]:
-                if pos["epoch"] > first_epoch_of_stage or pos["batch"] > 0:  # else the stage has not begun
-                    for k, o in opts.items():
+            run.opts = distiller.configure_optimizers(stage.name, cfg, stage_steps)
+            run.scheds = {k: build_scheduler(o, cfg, stage_steps, steps_per_epoch) for k, o in run.opts.items()}
+            distiller.optimizers = run.opts
+            if ckpt is not None:
+                if run.pos["epoch"] > stage_begin or run.pos["batch"] > 0:  # else this stage has not begun
+                    for k, o in run.opts.items():
                         o.load_state_dict(ckpt["optimizers"][k])
-                    for k, s in scheds.items():
-                        s.load_state_dict(ckpt["schedulers"][k])
+                    for k, sc in run.scheds.items():
+                        sc.load_state_dict(ckpt["schedulers"][k])
                 set_rng_state(ckpt["rng"])
-            end_epoch = first_epoch_of_stage + stage.epochs
-            start_epoch = pos["epoch"] if stage_idx == pos["stage"] else first_epoch_of_stage
-            for epoch in range(start_epoch, end_epoch):
-                start = pos["batch"] if (ckpt is not None and epoch == pos["epoch"]) else 0
-                epoch_rng = (ckpt["epoch_rng"] if start else torch.get_rng_state())
-                distiller.train()
-                sums: dict[str, torch.Tensor] = {}
-                n_done = 0
-                if start:  # float32 sums round-trip exactly through Python floats
-                    sums = {k: torch.tensor(v, dtype=torch.float32, device=self.device)
-                            for k, v in ckpt.get("epoch_sums", {}).items()}
-                    n_done = int(ckpt.get("epoch_batches", 0))
-                t0 = time.perf_counter()
-                bar = tqdm(self._batches(train_loader, epoch, start, epoch_rng), total=steps_per_epoch,
-                           initial=start, disable=not cfg.progress, leave=False,
-                           desc=f"{stage.name} epoch {epoch + 1}/{cfg.epochs}")
-                for batch_idx, raw in enumerate(bar, start=start):
-                    batch = to_batch(raw, self.device, cfg.channels_last)
-                    with self._autocast():
-                        losses = distiller.training_step(batch)
-                    total = self._step(losses, opts[main_name], scaler, epoch, pos["step"])
-                    for s in scheds.values():
-                        if not isinstance(s, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                            s.step()
-                    pos["step"] += 1
-                    distiller.global_step = pos["step"]
-                    for k, v in losses.items():
-                        sums[k] = sums.get(k, 0.0) + v.detach().float()
-                    if total is not None:
-                        sums["loss"] = sums.get("loss", 0.0) + total.detach().float()
-                    n_done += 1
-                    if cfg.log_every and pos["step"] % cfg.log_every == 0:
-                        rec = {k: float(v) / n_done for k, v in sums.items()}
-                        bar.set_postfix({k: f"{v:.3f}" for k, v in rec.items()})
-                        logger.log({"kind": "step", "step": pos["step"], "epoch": epoch,
-                                    "lr": opts[main_name].param_groups[0]["lr"], **rec})
-                    done = {"stage": stage_idx, "epoch": epoch, "batch": batch_idx + 1, "step": pos["step"]}
-                    if cfg.checkpoint_every and pos["step"] % cfg.checkpoint_every == 0:
-                        self._save("last.pt", distiller, opts, scheds, scaler, done, history, epoch_rng, sums, n_done)
-                    if cfg.max_steps is not None and pos["step"] >= cfg.max_steps:
-                        stopped_early = batch_idx + 1 < steps_per_epoch or epoch + 1 < cfg.epochs
-                        if stopped_early:
-                            self._save("last.pt", distiller, opts, scheds, scaler, done, history, epoch_rng,
-                                       sums, n_done)
-                            break
-                bar.close()
-                if stopped_early:
-                    break
-                # epoch end: evaluate, log, checkpoint
-                record: dict[str, Any] = {"kind": "epoch", "epoch": epoch + 1, "step": pos["step"],
-                                          "stage": stage.name, "lr": opts[main_name].param_groups[0]["lr"],
-                                          "epoch_time_s": time.perf_counter() - t0}
-                record.update({f"train_{k}": float(v) / max(1, n_done) for k, v in sums.items()})
-                is_last = epoch + 1 == cfg.epochs
-                if val_loader is not None and ((epoch + 1) % max(1, cfg.eval_every) == 0 or is_last):
-                    metrics = self.evaluate(distiller, val_loader)
-                    record.update({f"val_{k}": v for k, v in metrics.items()})
-                    for s in scheds.values():
-                        if isinstance(s, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                            s.step(metrics["loss"])
-                history.append(record)
-                last_eval = record
-                logger.log(record)
-                nxt = {"stage": stage_idx if epoch + 1 < end_epoch else stage_idx + 1,
-                       "epoch": epoch + 1, "batch": 0, "step": pos["step"]}
-                self._save("last.pt", distiller, opts, scheds, scaler, nxt, history, None)
-            if stopped_early:
-                break
-            first_epoch_of_stage = end_epoch
+            for epoch in range(max(run.pos["epoch"], stage_begin), ends[stage_idx]):
+                start = run.pos["batch"] if (ckpt is not None and epoch == run.pos["epoch"]) else 0
+                if not self._train_epoch(run, train_loader, stage.name, epoch, start, ckpt if start else None):
+                    run.logger.close()
+                    metrics = self.evaluate(distiller, val_loader) if val_loader is not None else {}
+                    return FitResult(metrics, run.history, self.run_dir, stopped_early=True)
+                self._end_epoch(run, stage.name, epoch, val_loader)
+                ckpt = None
             ckpt = None
-        logger.close()
-        metrics = {k[4:]: v for k, v in last_eval.items() if k.startswith("val_")} or last_eval
-        if stopped_early and val_loader is not None:  # max_steps is the budget: report where it ended
-            metrics = self.evaluate(distiller, val_loader)
-        return FitResult(metrics=metrics, history=history, run_dir=self.run_dir, stopped_early=stopped_early)
+        run.logger.close()
+        last = run.history[-1] if run.history else {}
+        metrics = {k[4:]: v for k, v in last.items() if k.startswith("val_")} or last
+        return FitResult(metrics=metrics, history=run.history, run_dir=self.run_dir)
+
+    def _restore(self, run: _Run, resume: bool | str | Path) -> dict[str, Any]:
+        path = Path(resume) if not isinstance(resume, bool) else Path(self.run_dir or ".") / "checkpoints/last.pt"
+        ckpt = load_checkpoint(path)
+        if ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise RuntimeError(f"{path} is not a kdforge training checkpoint (format {ckpt.get('format')!r})")
+        run.distiller.load_from_checkpoint(ckpt["distiller"])
+        run.pos, run.history = dict(ckpt["position"]), list(ckpt["history"])
+        run.logger.truncate_after(run.pos["step"])
+        if run.scaler is not None and ckpt.get("scaler"):
+            run.scaler.load_state_dict(ckpt["scaler"])
+        run.distiller.global_step = run.pos["step"]
+        return ckpt
+
+    def _train_epoch(self, run: _Run, loader: Iterable, stage: str, epoch: int, start: int,
+                     ckpt: dict[str, Any] | None) -> bool:
+        """One epoch from batch `start`; False when max_steps ended the run before the epoch's end."""
+        cfg, distiller = self.cfg, run.distiller
+        run.epoch_rng = ckpt["epoch_rng"] if ckpt is not None else torch.get_rng_state()
+        run.sums, run.n_done = {}, 0
+        if ckpt is not None:  # float32 sums round-trip exactly through Python floats
+            run.sums = {k: torch.tensor(v, dtype=torch.float32, device=self.device)
+                        for k, v in ckpt.get("epoch_sums", {}).items()}
+            run.n_done = int(ckpt.get("epoch_batches", 0))
+        main = next(iter(run.opts))
+        steps_per_epoch = len(loader)  # type: ignore[arg-type]
+        distiller.train()
+        run.t0 = time.perf_counter()
+        bar = tqdm(self._batches(loader, epoch, start, run.epoch_rng), total=steps_per_epoch, initial=start,
+                   disable=not cfg.progress, leave=False, desc=f"{stage} epoch {epoch + 1}/{cfg.epochs}")
+        try:
+            for batch_idx, raw in enumerate(bar, start=start):
+                batch = to_batch(raw, self.device, cfg.channels_last)
+                with self._autocast():
+                    losses = distiller.training_step(batch)
+                total = self._step(losses, run.opts[main], run.scaler, epoch, run.pos["step"])
+                for sc in run.scheds.values():
+                    if not isinstance(sc, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                        sc.step()
+                run.pos["step"] += 1
+                distiller.global_step = run.pos["step"]
+                for k, v in losses.items():
+                    run.sums[k] = run.sums.get(k, 0.0) + v.detach().float()
+                if total is not None:
+                    run.sums["loss"] = run.sums.get("loss", 0.0) + total.detach().float()
+                run.n_done += 1
+                if cfg.log_every and run.pos["step"] % cfg.log_every == 0:
+                    rec = {k: float(v) / run.n_done for k, v in run.sums.items()}
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in rec.items()})
+                    run.logger.log({"kind": "step", "step": run.pos["step"], "epoch": epoch,
+                                    "lr": run.opts[main].param_groups[0]["lr"], **rec})
+                done = {"stage": run.stage_idx, "epoch": epoch, "batch": batch_idx + 1, "step": run.pos["step"]}
+                if cfg.checkpoint_every and run.pos["step"] % cfg.checkpoint_every == 0:
+                    self._save(run, done, mid_epoch=True)
+                if cfg.max_steps is not None and run.pos["step"] >= cfg.max_steps:
+                    if batch_idx + 1 < steps_per_epoch or epoch + 1 < cfg.epochs:
+                        self._save(run, done, mid_epoch=True)
+                        return False
+        finally:
+            bar.close()
+        return True
+
+    def _end_epoch(self, run: _Run, stage: str, epoch: int, val_loader: Iterable | None) -> None:
+        """Evaluate, log the epoch record and checkpoint at the start of the next epoch."""
+        cfg = self.cfg
+        main = run.opts[next(iter(run.opts))]
+        record: dict[str, Any] = {"kind": "epoch", "epoch": epoch + 1, "step": run.pos["step"], "stage": stage,
+                                  "lr": main.param_groups[0]["lr"], "epoch_time_s": time.perf_counter() - run.t0}
+        record.update({f"train_{k}": float(v) / max(1, run.n_done) for k, v in run.sums.items()})
+        if val_loader is not None and ((epoch + 1) % max(1, cfg.eval_every) == 0 or epoch + 1 == cfg.epochs):
+            metrics = self.evaluate(run.distiller, val_loader)
+            record.update({f"val_{k}": v for k, v in metrics.items()})
+            for sc in run.scheds.values():
+                if isinstance(sc, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                    sc.step(metrics["loss"])
+        run.history.append(record)
+        run.logger.log(record)
+        run.pos.update(epoch=epoch + 1, batch=0, stage=run.stage_idx + (epoch + 1 == run.stage_end))
+        self._save(run, dict(run.pos), mid_epoch=False)
 
     def _step(self, losses: dict[str, torch.Tensor], opt: torch.optim.Optimizer, scaler, epoch: int,
               step: int) -> torch.Tensor | None:
