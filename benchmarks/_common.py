@@ -1,6 +1,7 @@
 """Shared bits of the speed benchmarks: interleaved A/B timing, since these machines are noisy."""
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable
@@ -27,3 +28,12 @@ def interleaved(fns: dict[str, Callable[[], None]], rounds: int = 5) -> dict[str
             fn()
             times[k].append(time.perf_counter() - t)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def timing_args(doc: str | None) -> argparse.ArgumentParser:
+    """The options every step-timing benchmark takes: steps per round, batch size, rounds."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=20, help="training steps per timed round")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median is reported")
+    return ap

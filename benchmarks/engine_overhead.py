@@ -5,12 +5,11 @@ Target (issue 10): Trainer <= 1.03x the bare loop. Prints the medians of interle
 """
 from __future__ import annotations
 
-import argparse
 import copy
 
 import torch
 import torch.nn.functional as F
-from _common import fixed_batches, interleaved  # noqa: E402  (benchmarks/ is run as a script folder)
+from _common import fixed_batches, interleaved, timing_args  # noqa: E402  (benchmarks/ is run as a script folder)
 
 import kdforge
 from kdforge.config import TrainConfig
@@ -19,11 +18,8 @@ from kdforge.engine.trainer import Trainer
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = timing_args(__doc__)
     ap.add_argument("--model", default="resnet20")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=5)
     a = ap.parse_args()
     torch.manual_seed(0)
     batches = fixed_batches(a.steps, a.batch)

@@ -6,10 +6,8 @@ epoch of a run whose loader has no random augmentation).
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
-from _common import fixed_batches, interleaved  # noqa: E402
+from _common import fixed_batches, interleaved, timing_args  # noqa: E402
 
 import kdforge
 from kdforge.config import TrainConfig
@@ -19,12 +17,9 @@ from kdforge.engine.trainer import Trainer
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = timing_args(__doc__)
     ap.add_argument("--teacher", default="resnet56")
     ap.add_argument("--student", default="resnet20")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=5)
     a = ap.parse_args()
     torch.manual_seed(0)
     batches = fixed_batches(a.steps, a.batch)
