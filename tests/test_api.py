@@ -196,3 +196,16 @@ def test_tensorboard_without_the_package_says_how_to_install(tmp_path, monkeypat
 
     with pytest.raises(ImportError, match="pip install tensorboard"):
         MetricsLogger(tmp_path, tensorboard=True)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED / "cifar10-resnets").exists(), reason=f"shared ResNet weights not in {SHARED}")
+@pytest.mark.skipif(not (SHARED / "cifar10-jpeg.tar.gz").exists(), reason=f"shared CIFAR-10 not in {SHARED}")
+def test_eval_a_published_state_dict(capsys):
+    """`kdforge eval` on a file kdforge did not write: the akamaster ResNet-20 (module.-prefixed state dict)."""
+    weights = next((SHARED / "cifar10-resnets").glob("resnet20-*.th"))
+    recipe = ROOT / "recipes/train/cifar10/resnet20.yaml"
+    capsys.readouterr()
+    assert main(["eval", str(weights), "--recipe", str(recipe), "--set", "data.val_subset=1000"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert 72.0 < out["top1"] < 90.0  # ResNet-20 on the JPEG test images: about 81 %
