@@ -9,6 +9,7 @@ and any iterable of batches (a kdforge BatchLoader or a torch DataLoader of (ima
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import shutil
 import warnings
@@ -79,12 +80,11 @@ def build_distiller(method: str, student: nn.Module, teacher: nn.Module | None, 
     """Instantiate a registered method, filling `n_data` / `input_shape` from the loader when it takes them."""
     cls = DISTILLERS.get(method)
     check_kwargs(cls.__init__, kwargs, f"method {method!r}", also=sorted(_TRAIN_FIELDS))
-    import inspect
-
     params = inspect.signature(cls.__init__).parameters
-    info = _loader_info(train_loader)
-    for key in ("n_data", "input_shape"):
-        if key in params and key not in kwargs and info.get(key) is not None:
+    wanted = [k for k in ("n_data", "input_shape") if k in params and k not in kwargs]
+    info = _loader_info(train_loader) if wanted else {}
+    for key in wanted:
+        if info.get(key) is not None:
             kwargs[key] = info[key]
     if "n_data" in params and params["n_data"].default is inspect.Parameter.empty and "n_data" not in kwargs:
         raise ValueError(f"method {method!r} needs n_data (the training-set size); pass n_data=...")
@@ -94,8 +94,6 @@ def build_distiller(method: str, student: nn.Module, teacher: nn.Module | None, 
 def _split_options(options: dict[str, Any], train: TrainConfig | dict[str, Any] | None, method: str,
                    method_options: dict[str, Any] | None) -> tuple[TrainConfig, dict]:
     """Tell training settings from method options by name; a name that is both must be passed explicitly."""
-    import inspect
-
     base = train if isinstance(train, TrainConfig) else TrainConfig(**(train or {}))
     method_params = set(inspect.signature(DISTILLERS.get(method).__init__).parameters)
     clash = sorted(k for k in options if k in _TRAIN_FIELDS and k in method_params)
@@ -164,8 +162,6 @@ def evaluate(model: nn.Module, loader: Iterable, *, device: str = "auto",
 # ---------------------------------------------------------------------------------------- recipes
 def resolve_num_classes(mc: ModelConfig, num_classes: int) -> None:
     """Give the model the dataset's class count unless the recipe set it or the factory cannot take it."""
-    import inspect
-
     from kdforge.registry import MODELS
 
     if "num_classes" in mc.kwargs:
