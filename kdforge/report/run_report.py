@@ -38,6 +38,10 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> Path | None:
         b.plot(xs, [h.get("val_top1", float("nan")) for h in epochs], marker=".", color="tab:green")
     b.set_xlabel("epoch")
     b.set_title("validation top-1 (%)")
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (a, b):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
