@@ -21,6 +21,20 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = default_shared_data()
 
 
+def test_readme_adding_a_method_example_runs():
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Adding a method", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    ns: dict = {}
+    try:
+        with redirect_stdout(io.StringIO()):
+            exec(compile(code, "README.md", "exec"), ns)
+        hist = ns["result"].history[-1]
+        assert {"train_ce", "train_kd", "train_hint"} <= set(hist) and hist["train_hint"] > 0
+    finally:
+        DISTILLERS._items.pop("kd_plus_hint", None)
+
+
 def test_readme_python_example_runs():
     text = (ROOT / "README.md").read_text()
     section = text.split("## Python API", 1)[1]
