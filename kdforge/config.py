@@ -49,7 +49,7 @@ class DataConfig:
     resize: int | None = None  # resize every image to this side (e.g. 32 -> 224 for an ImageNet-shaped model)
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
-    train_subset: int | None = None  # first-N (seeded) subset of the train split, for quick runs
+    train_subset: int | None = None  # a fixed random subset (same for every seed) of the train split, for quick runs
     val_subset: int | None = None
     synthetic_train: int = 10000  # sizes of the generated dataset when name == synthetic
     synthetic_test: int = 2000

@@ -62,7 +62,7 @@ class FeatureTaps:
             if path not in modules or path == "" or side not in ("", "in", "out"):
                 choices = [n for n in modules if n]
                 raise RegistryError(f"unknown feature module {name!r} in {role} "
-                               f"({type(model).__name__}){did_you_mean(path, choices)}")
+                                    f"({type(model).__name__}){did_you_mean(path, choices)}")
             self._handles.append(modules[path].register_forward_hook(self._keeper(name, side == "in")))
 
     def _keeper(self, name: str, keep_input: bool):
