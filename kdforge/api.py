@@ -58,12 +58,7 @@ def _loader_info(loader: Iterable) -> dict[str, Any]:
         except TypeError:
             size = None
     info["n_data"] = size
-    shape = getattr(loader, "image_shape", None)
-    if shape is None and hasattr(loader, "get_batch"):  # kdforge's BatchLoader: builds one batch, no side effects
-        try:
-            shape = tuple(loader.get_batch(0)["image"].shape[1:])
-        except Exception:
-            shape = None
+    shape = getattr(loader, "image_shape", None)  # kdforge's BatchLoader knows it
     if shape is None and hasattr(loader, "dataset"):
         try:
             first = loader.dataset[0]  # type: ignore[index]

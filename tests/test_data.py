@@ -457,3 +457,12 @@ def test_real_tiny_imagenet_val(tmp_path: Path) -> None:
         wnids = tf.extractfile("tiny-imagenet-200/wnids.txt").read().decode().split()
     assert val.classes == wnids and val.images.shape[1:] == (64, 64, 3)
     assert len(val) == 50 * len(wnids) and val.labels[0] == wnids.index("n03444034")  # val_0.JPEG
+
+
+def test_loader_image_shape_matches_its_batches():
+    from kdforge.data import BatchAugment, BatchLoader, make_synthetic
+
+    data = make_synthetic(8, 0, size=16)["train"]
+    for augment in (BatchAugment(2, True), BatchAugment(resize=24)):
+        loader = BatchLoader(data, 4, augment=augment, prefetch=0)
+        assert tuple(loader.get_batch(0)["image"].shape[1:]) == loader.image_shape

@@ -98,6 +98,13 @@ class BatchLoader:
         return self.data.num_classes
 
     @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images this loader yields (after any resize); no batch is built to know it."""
+        size = self.augment.resize if self.augment.resize is not None else self.data.image_size
+        h, w = (size, size) if isinstance(size, int) else size
+        return (3, int(h), int(w))
+
+    @property
     def dataset_size(self) -> int:
         return len(self.data)
 
