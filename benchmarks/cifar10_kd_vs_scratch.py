@@ -27,8 +27,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--out", default="runs/cifar10_cpu")
     ap.add_argument("--results", default=str(ROOT / "results/cifar10_kd_vs_scratch.md"))
+    ap.add_argument("--report-only", action="store_true", help="rebuild the table from the runs under --out")
     a = ap.parse_args()
-    for seed in a.seeds:
+    for seed in [] if a.report_only else a.seeds:
         for method, recipe in RECIPES.items():
             cfg = load_config(recipe, [f"seed={seed}", f"out_dir={a.out}", f"name={method}_seed{seed}",
                                        f"train.epochs={a.epochs}", "train.schedule=cosine", "train.lr=0.05"])
@@ -51,6 +52,12 @@ def main() -> None:
             "| run | seed | top-1 (%) | training time (s) |", "| --- | --- | --- | --- |"]
     text += [f"| {s['method']} | {s['seed']} | {s['metrics']['top1']:.2f} | {s['train_time_s']:.0f} |"
              for s in sorted(summaries, key=lambda s: (s["method"], s["seed"]))]
+    by_seed = {(s["method"], s["seed"]): s["metrics"]["top1"] for s in summaries}
+    gains = [by_seed[("kd", sd)] - by_seed[("scratch", sd)] for sd in seeds
+             if ("kd", sd) in by_seed and ("scratch", sd) in by_seed]
+    if gains:
+        text += ["", "KD minus scratch, paired by seed (points): " + ", ".join(f"{g:+.2f}" for g in gains)
+                 + f"; mean {sum(gains) / len(gains):+.2f}."]
     text += ["", "Produced by `python benchmarks/cifar10_kd_vs_scratch.py "
              f"--epochs {a.epochs} --seeds {' '.join(map(str, seeds))}` on 2 CPU cores (training time includes "
              "per-epoch evaluation; other jobs shared the cores during some epochs)."]
