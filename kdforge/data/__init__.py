@@ -1,6 +1,6 @@
 """Data: public formats -> decoded uint8 cache -> fast batched loader with per-sample augmentation.
 
-    prepare("cifar10", "shared/data/cifar10-jpeg.tar.gz")      # once: decode into ~/.cache/kdforge/cifar10/
+    prepare("cifar10", "shared/data/cifar10-jpeg.tar.gz")      # once: decode into ~/.cache/kdforge/data/cifar10/
     train = load_split("cifar10", "train")                      # memmap, milliseconds
     loader = BatchLoader(train, 128, augment=BatchAugment(crop_pad=4, flip=True))
     for batch in loader: ...                                    # {"image", "label", "index", **attrs}

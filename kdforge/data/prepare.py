@@ -6,7 +6,7 @@ of the source (directory, .tar, .tar.gz, CIFAR pickle batches or a JPEG tree). A
 marked by `<root>/<name>/prepared.json` (written last), which records the source path, its size, the options
 and the cache format version; a second `prepare` with the same inputs returns at once without decoding.
 
-Paths: the cache root defaults to env `KDFORGE_CACHE`, else `~/.cache/kdforge`; the shared read-only data
+Paths: the cache root defaults to `$KDFORGE_CACHE/data` (KDFORGE_CACHE: `~/.cache/kdforge`); the shared read-only data
 folder is env `KDFORGE_SHARED_DATA`, else `<repo>/../shared/data`.
 """
 from __future__ import annotations
@@ -29,8 +29,9 @@ _DONE = "prepared.json"
 
 
 def default_cache_root() -> Path:
-    """Env `KDFORGE_CACHE`, else `~/.cache/kdforge`."""
-    return Path(os.environ.get("KDFORGE_CACHE") or Path.home() / ".cache" / "kdforge").expanduser()
+    """`$KDFORGE_CACHE/data` (KDFORGE_CACHE defaulting to `~/.cache/kdforge`): where recipes and the CLI look too."""
+    base = Path(os.environ.get("KDFORGE_CACHE") or Path.home() / ".cache" / "kdforge").expanduser()
+    return base / "data"
 
 
 def shared_data_dir() -> Path | None:
