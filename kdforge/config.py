@@ -252,11 +252,11 @@ def expand_path(p: str | None) -> str | None:
     """`~` and `$VARS` in recipe paths; `${KDFORGE_SHARED_DATA}` defaults to ../shared/data."""
     if p is None:
         return None
-    env = dict(os.environ)
-    env.setdefault("KDFORGE_SHARED_DATA", str(default_shared_data()))
-    env.setdefault("KDFORGE_CACHE", "~/.cache/kdforge")
-    for k, v in env.items():
-        p = p.replace("${" + k + "}", v)
+    # expandvars handles every variable that is set; only kdforge's two need a default when unset
+    defaults = {"KDFORGE_SHARED_DATA": lambda: str(default_shared_data()), "KDFORGE_CACHE": lambda: "~/.cache/kdforge"}
+    for name, default in defaults.items():
+        if name not in os.environ:
+            p = p.replace("${" + name + "}", default()).replace("$" + name, default())
     return os.path.expanduser(os.path.expandvars(p))
 
 
