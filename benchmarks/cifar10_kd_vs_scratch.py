@@ -12,8 +12,8 @@ import json
 import time
 from pathlib import Path
 
-from kdforge.api import run_recipe
 from kdforge.config import load_config
+from kdforge.recipe import run_recipe
 from kdforge.report import aggregate, find_runs
 
 ROOT = Path(__file__).resolve().parents[1]

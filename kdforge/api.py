@@ -1,37 +1,34 @@
-"""The Python API. Every CLI verb is a thin layer over these functions, which take plain `nn.Module`s
-and any iterable of batches (a kdforge BatchLoader or a torch DataLoader of (image, label[, index])).
+"""The Python API. Every CLI verb is a thin layer over these functions, which take plain `nn.Module`s and
+loaders: a kdforge BatchLoader, a CombinedLoader of several, DataFree, or a torch DataLoader of dict batches
+(`kdforge.data.IndexedDataset`) or (image, label) pairs.
 
     import kdforge
     result = kdforge.distill(student, teacher, train_loader, method="kd", epochs=5, lr=0.05,
                              temperature=4.0, val_loader=test_loader)
     result.student, result.metrics["top1"]
+
+Training settings and method options may be passed flat (told apart by name), or explicitly as
+`train={...}` and `method_options={...}`; a name that is both (CRD's `bank_momentum` is not, SGD's
+`momentum` is a training setting) must be passed explicitly, and the error says so.
 """
 from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
-import shutil
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
-from kdforge.config import (
-    ConfigError,
-    ModelConfig,
-    RunConfig,
-    TrainConfig,
-    check_kwargs,
-    expand_path,
-    save_config,
-)
-from kdforge.engine.checkpoint import load_checkpoint, seed_everything
+from kdforge.config import ConfigError, TrainConfig, check_kwargs
+from kdforge.distillers.base import Distiller, last_linear
+from kdforge.engine.checkpoint import seed_everything
 from kdforge.engine.trainer import Trainer, resolve_device, to_batch
-from kdforge.metrics.classification import evaluate_classifier
+from kdforge.metrics.evaluators import build_evaluator
 from kdforge.registry import DISTILLERS, did_you_mean
 
 _TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -40,12 +37,14 @@ _TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 @dataclass
 class DistillResult:
     student: nn.Module
-    metrics: dict[str, Any]  # final validation metrics (top1, top5, loss, ...)
+    metrics: dict[str, Any]  # final evaluation metrics (the evaluator's names: top1, psnr, ...)
     history: list[dict[str, Any]] = field(default_factory=list)
     run_dir: Path | None = None
     distiller: Any = None
     teacher_metrics: dict[str, Any] | None = None
     stopped_early: bool = False  # train.max_steps ended the run before its last epoch
+    best: dict[str, Any] | None = None  # {"metric", "mode", "value", "epoch"} of the monitored metric
+    networks: dict[str, nn.Module] = field(default_factory=dict)  # every trained network by name
 
 
 def _loader_info(loader: Iterable) -> dict[str, Any]:
@@ -71,7 +70,7 @@ def _loader_info(loader: Iterable) -> dict[str, Any]:
 
 
 def build_distiller(method: str, student: nn.Module, teacher: nn.Module | None, train_loader: Iterable,
-                    **kwargs: Any):
+                    **kwargs: Any) -> Distiller:
     """Instantiate a registered method, filling `n_data` / `input_shape` from the loader when it takes them."""
     cls = DISTILLERS.get(method)
     check_kwargs(cls.__init__, kwargs, f"method {method!r}", also=sorted(_TRAIN_FIELDS))
@@ -86,8 +85,8 @@ def build_distiller(method: str, student: nn.Module, teacher: nn.Module | None, 
     return cls(student, teacher, **kwargs)
 
 
-def _split_options(options: dict[str, Any], train: TrainConfig | dict[str, Any] | None, method: str,
-                   method_options: dict[str, Any] | None) -> tuple[TrainConfig, dict]:
+def split_options(options: dict[str, Any], train: TrainConfig | dict[str, Any] | None, method: str,
+                  method_options: dict[str, Any] | None) -> tuple[TrainConfig, dict[str, Any]]:
     """Tell training settings from method options by name; a name that is both must be passed explicitly."""
     base = train if isinstance(train, TrainConfig) else TrainConfig(**(train or {}))
     method_params = set(inspect.signature(DISTILLERS.get(method).__init__).parameters)
@@ -100,40 +99,78 @@ def _split_options(options: dict[str, Any], train: TrainConfig | dict[str, Any] 
     return dataclasses.replace(base, **train_opts), method_opts
 
 
+def _check_models(student: nn.Module, train_loader: Iterable, cfg: TrainConfig) -> None:
+    """Mistakes torch would report from deep inside the first step, named here with their fix."""
+    if str(cfg.precision) in ("32", "fp32"):
+        odd = {p.dtype for p in student.parameters() if p.is_floating_point() and p.dtype != torch.float32}
+        if odd:
+            raise TypeError(f"the student ({type(student).__name__}) has {sorted(map(str, odd))} parameters but "
+                            "batches are float32: call student.float(), or use train.precision for mixed precision")
+    num_classes = getattr(train_loader, "num_classes", None)
+    try:
+        head = dict(student.named_modules())[last_linear(student)]
+    except ValueError:
+        return
+    if num_classes and getattr(head, "out_features", num_classes) < num_classes:
+        raise ValueError(f"the student's head ({type(student).__name__}.{last_linear(student)}) has "
+                         f"{head.out_features} outputs but the data has {num_classes} classes: build it with "
+                         f"num_classes={num_classes}")
+
+
+def _with_sampler(loader: Iterable, sampler: Any) -> Iterable:
+    if not hasattr(loader, "with_sampler"):
+        raise TypeError(f"this method draws its batches with {type(sampler).__name__}, which needs a kdforge "
+                        f"BatchLoader; got a {type(loader).__name__}")
+    return loader.with_sampler(sampler)
+
+
 def distill(student: nn.Module, teacher: nn.Module | None, train_loader: Iterable, *, method: str = "kd",
             val_loader: Iterable | None = None, run_dir: str | Path | None = None,
             resume: bool | str | Path = False, seed: int | None = 0,
-            train: TrainConfig | dict[str, Any] | None = None,
-            evaluator: Callable[..., dict[str, Any]] | None = None,
-            config_dict: dict[str, Any] | None = None, method_options: dict[str, Any] | None = None,
-            **options: Any) -> DistillResult:
-    """Distil `teacher` into `student` with a registered method and return the trained student.
+            train: TrainConfig | dict[str, Any] | None = None, method_options: dict[str, Any] | None = None,
+            evaluator: str | Callable[..., dict[str, Any]] | None = None, monitor: str | None = None,
+            mode: str | None = None, config_dict: dict[str, Any] | None = None, **options: Any) -> DistillResult:
+    """Distil `teacher` into `student` with a registered method and return the trained networks.
 
     `options` are training settings (any TrainConfig field: epochs, lr, optimizer, schedule, ...) and the
-    method's own keyword arguments (temperature, alpha, student_layers, ...), told apart by name. With
-    `run_dir`, metrics.jsonl and checkpoints are written there and `resume=True` continues a stopped run.
+    method's own keyword arguments (temperature, kd_weight, student_layers, ...), told apart by name; or pass
+    them as `train=` and `method_options=`. `evaluator` is a registered name ("classification", "groups",
+    "images") or a callable (see kdforge.metrics.evaluators); `monitor`/`mode` pick the metric that "best"
+    and the plateau schedule follow. With `run_dir`, metrics.jsonl and checkpoints are written there and
+    `resume=True` continues a stopped run bit for bit.
     """
-    if method not in DISTILLERS:
-        raise ConfigError(f"unknown method {method!r}{did_you_mean(method, DISTILLERS.names())}"
-                          f" (registered: {', '.join(DISTILLERS.names())})")
-    cfg, method_opts = _split_options(options, train, method, method_options)
+    DISTILLERS.get(method)  # an unknown name fails here, with the closest registered ones
+    cfg, method_opts = split_options(options, train, method, method_options)
+    _check_models(student, train_loader, cfg)
     if seed is not None:  # before the distiller: its extra modules (regressors, embedders) draw their init
         seed_everything(seed)
     distiller = build_distiller(method, student, teacher, train_loader, **method_opts)
+    sampler = distiller.train_sampler()
+    if sampler is not None:
+        train_loader = _with_sampler(train_loader, sampler)
     if cfg.teacher_cache and teacher is not None:
-        deterministic = getattr(train_loader, "deterministic", None)
-        if deterministic is False:
-            raise ValueError("teacher_cache needs deterministic teacher inputs, but the train loader applies "
-                             "random augmentation; turn augmentation off or the cache off")
-        if deterministic is None:
-            warnings.warn("teacher_cache: cannot tell whether this loader is deterministic; cached teacher "
-                          "outputs are only correct if each sample index always gives the same image",
-                          stacklevel=2)
-        distiller.enable_teacher_cache()
-    trainer = Trainer(cfg, run_dir, evaluator=evaluator, config_dict=config_dict)
+        _enable_teacher_cache(distiller, train_loader)
+    if isinstance(evaluator, str):
+        evaluator = build_evaluator(evaluator)
+    trainer = Trainer(cfg, run_dir, evaluator=evaluator, monitor=monitor, mode=mode, config_dict=config_dict)
     fit = trainer.fit(distiller, train_loader, val_loader, resume=resume)
-    return DistillResult(student=distiller.student, metrics=fit.metrics, history=fit.history,
-                         run_dir=fit.run_dir, distiller=distiller, stopped_early=fit.stopped_early)
+    return DistillResult(student=distiller.student, metrics=fit.metrics, history=fit.history, run_dir=fit.run_dir,
+                         distiller=distiller, stopped_early=fit.stopped_early, best=fit.best,
+                         networks=distiller.networks())
+
+
+def _enable_teacher_cache(distiller: Distiller, loader: Iterable) -> None:
+    deterministic = getattr(loader, "deterministic", None)
+    if deterministic is False:
+        raise ValueError("teacher_cache needs deterministic teacher inputs, but the train loader applies "
+                         "random augmentation; turn augmentation off or the cache off")
+    if deterministic is None:
+        warnings.warn("teacher_cache: cannot tell whether this loader is deterministic; cached teacher "
+                      "outputs are only correct if each sample index always gives the same image", stacklevel=3)
+    if not hasattr(loader, "dataset_size") and not hasattr(loader, "dataset"):
+        warnings.warn("teacher_cache: this loader may not yield sample indices (batch['index']); without them "
+                      "the cache never takes effect", stacklevel=3)
+    distiller.enable_teacher_cache()
 
 
 def train(model: nn.Module, train_loader: Iterable, **kwargs: Any) -> DistillResult:
@@ -141,128 +178,47 @@ def train(model: nn.Module, train_loader: Iterable, **kwargs: Any) -> DistillRes
     return distill(model, None, train_loader, method="scratch", **kwargs)
 
 
-def evaluate(model: nn.Module, loader: Iterable, *, device: str = "auto",
-             num_groups: int | None = None) -> dict[str, Any]:
-    """Top-1/top-5 accuracy and mean CE of `model` on `loader` (plus per-group accuracy with num_groups)."""
+def evaluate(model: nn.Module, loader: Iterable, *, evaluator: str | Callable[..., dict[str, Any]] = "classification",
+             device: str = "auto", num_groups: int | None = None) -> dict[str, Any]:
+    """Score `model` on `loader` with an evaluator (default: top-1/top-5 accuracy and mean CE, plus per-group
+    accuracy when batches carry `group`). A Distiller is scored through its `predict`, against its teacher."""
     dev = resolve_device(device)
+    if isinstance(evaluator, str):
+        evaluator = build_evaluator(evaluator, **({"num_groups": num_groups} if num_groups else {}))
     was = model.training
     model.to(dev).eval()
     try:
-        return evaluate_classifier(lambda b: model(b["image"]), loader, dev, to_batch=to_batch,
-                                   num_groups=num_groups or getattr(loader, "num_groups", None))
+        if isinstance(model, Distiller):
+            reference = model.teacher_predict if model.teacher is not None else None
+            return evaluator(model.predict, loader, dev, reference=reference, to_batch=to_batch)
+        return evaluator(torch.no_grad()(lambda b: model(b["image"])), loader, dev, to_batch=to_batch)
     finally:
         model.train(was)
 
 
-# ---------------------------------------------------------------------------------------- recipes
-def resolve_num_classes(mc: ModelConfig, num_classes: int) -> None:
-    """Give the model the dataset's class count unless the recipe set it or the factory cannot take it."""
-    from kdforge.registry import MODELS
-
-    if "num_classes" in mc.kwargs:
-        return
-    try:
-        params = inspect.signature(MODELS.get(mc.name)).parameters
-    except (TypeError, ValueError):
-        return
-    if "num_classes" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        mc.kwargs["num_classes"] = num_classes
-
-
-def build_model_from_config(mc: ModelConfig, num_classes: int | None = None, role: str = "model") -> nn.Module:
-    """Build a model named in a recipe and load its weights when a path is given."""
-    from kdforge.models import build_model, load_weights
-    from kdforge.registry import MODELS
-
-    if num_classes is not None:
-        mc = dataclasses.replace(mc, kwargs=dict(mc.kwargs))
-        resolve_num_classes(mc, num_classes)
-    kwargs = dict(mc.kwargs)
-    check_kwargs(MODELS.get(mc.name), kwargs, f"{role} model {mc.name!r}")
-    model = build_model(mc.name, **kwargs)
-    if mc.weights:
-        load_weights(model, expand_path(mc.weights))
-    return model
-
-
-def prepare_run_dir(cfg: RunConfig, *, resume: bool, overwrite: bool = False) -> Path:
-    run_dir = Path(expand_path(cfg.out_dir)) / cfg.name
-    last = run_dir / "checkpoints" / "last.pt"
-    if run_dir.exists() and not resume:
-        if overwrite:
-            shutil.rmtree(run_dir)
-        elif last.exists():
-            raise FileExistsError(f"run folder {run_dir} already holds a run; pass --resume to continue it, "
-                                  f"--overwrite to replace it, or --set name=<new name>")
-    if resume and not last.exists():
-        raise FileNotFoundError(f"nothing to resume: {last} does not exist")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
-def run_recipe(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
-               eval_teacher: bool = True) -> DistillResult:
-    """What `kdforge distill/train RECIPE` does: data, models, method, training, report, in a run folder."""
-    from kdforge.data.build import build_loaders
-    from kdforge.report.run_report import write_run_report
-
-    run_dir = prepare_run_dir(cfg, resume=resume, overwrite=overwrite)
-    seed_everything(cfg.seed)
-    data = build_loaders(cfg.data, seed=cfg.seed)
-    method = cfg.method.name
-    use_teacher = cfg.teacher is not None and method != "scratch"
-    for mc in (cfg.student, cfg.teacher if use_teacher else None):
-        if mc is not None:
-            resolve_num_classes(mc, data.num_classes)
-    save_config(cfg, run_dir / "config.yaml")  # the resolved config, num_classes included
-    _save_sample_grid(data.train, run_dir / "samples.png")
-    student = build_model_from_config(cfg.student, role="student")
-    teacher, teacher_metrics = None, None
-    if use_teacher:
-        teacher = build_model_from_config(cfg.teacher, role="teacher")
-        if eval_teacher:
-            teacher_metrics = _cached_teacher_eval(run_dir, teacher, data.val, cfg.train.device)
-    result = distill(student, teacher, data.train, method=method, val_loader=data.val, run_dir=run_dir,
-                     resume=resume, seed=cfg.seed, train=cfg.train, config_dict=cfg.to_dict(),
-                     method_options=cfg.method.kwargs)
-    result.teacher_metrics = teacher_metrics
-    write_run_report(run_dir, cfg, result)
-    return result
-
-
-def _save_sample_grid(loader: Any, path: Path) -> None:
-    """The first training batch as the model sees it (after augmentation), to eyeball the data."""
-    if path.exists() or not hasattr(loader, "get_batch"):
-        return
-    from kdforge.data import make_grid_image
-
-    make_grid_image(loader.get_batch(0)["image"][:64], path, loader.mean, loader.std, nrow=8)
-
-
-def _cached_teacher_eval(run_dir: Path, teacher: nn.Module, loader: Iterable, device: str) -> dict[str, Any]:
-    path = run_dir / "teacher_metrics.json"
-    if path.exists():  # a resumed run does not evaluate the teacher again
-        return json.loads(path.read_text())
-    metrics = evaluate(teacher, loader, device=device)
-    path.write_text(json.dumps(metrics, indent=1))
-    return metrics
-
-
-def load_student(checkpoint: str | Path, model: nn.Module | None = None,
-                 model_config: ModelConfig | None = None, num_classes: int | None = None) -> nn.Module:
-    """A student from a kdforge checkpoint; its architecture comes from `model`, or else the run's config."""
-    from kdforge.config import from_dict
+def load_student(checkpoint: str | Path, model: nn.Module | None = None, *, network: str = "student",
+                 model_config: Any = None, num_classes: int | None = None) -> nn.Module:
+    """A trained network from a kdforge checkpoint (or a plain state dict): `network` names which one
+    ("student"; a flow's "decoder"). Its architecture is `model`, else the run's saved config."""
+    from kdforge.engine.checkpoint import load_checkpoint
     from kdforge.models import load_weights
 
     ckpt = load_checkpoint(checkpoint)
-    if model is None:
-        if model_config is None:
-            conf = ckpt.get("config") or {}
-            if "student" not in conf:
-                raise ValueError(f"{checkpoint} carries no config; pass the model architecture explicitly")
-            model_config = from_dict(ModelConfig, conf["student"], "student")
-        model = build_model_from_config(dataclasses.replace(model_config, weights=None), num_classes, "student")
-    state = ckpt.get("model", ckpt)
+    saved = ckpt.get("networks") or {}
+    if network != "student":
+        if network not in saved:
+            raise KeyError(f"{checkpoint} holds no network {network!r}{did_you_mean(network, list(saved))}"
+                           f" (saved: {', '.join(sorted(saved)) or 'none'})")
+        if model is None:  # only the method knows how to build its other networks: rebuild it from the config
+            from kdforge.recipe import networks_from_checkpoint
+
+            return networks_from_checkpoint(checkpoint)[network]
+        state = saved[network]
+    else:
+        state = saved.get("student", ckpt.get("model", ckpt))
+        if model is None:
+            from kdforge.recipe import student_from_config
+
+            model = student_from_config(ckpt, checkpoint, model_config, num_classes)
     load_weights(model, {"model": state})
     return model
-

@@ -37,8 +37,8 @@ def cmd_prepare(a: argparse.Namespace) -> int:
 
 
 def _run(a: argparse.Namespace, scratch: bool) -> int:
-    from kdforge.api import run_recipe
     from kdforge.config import load_config
+    from kdforge.recipe import run_recipe
 
     overrides = list(a.overrides) + (["method.name=scratch"] if scratch else [])
     cfg = load_config(a.recipe, overrides)
@@ -49,33 +49,37 @@ def _run(a: argparse.Namespace, scratch: bool) -> int:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    from kdforge.api import evaluate, load_student
-    from kdforge.config import ModelConfig, from_dict, load_config
-    from kdforge.data.build import build_loaders
+    from kdforge.config import load_config
     from kdforge.engine.checkpoint import load_checkpoint
+    from kdforge.recipe import evaluate_checkpoint
 
-    ckpt = load_checkpoint(a.checkpoint)
-    saved = ckpt.get("config") or {}
+    saved = load_checkpoint(a.checkpoint).get("config") or {}
     if a.recipe:
         cfg = load_config(a.recipe, a.overrides)
     elif saved:
         cfg = load_config(None, a.overrides, base=saved)
     else:
-        raise SystemExit(f"{a.checkpoint} carries no config: pass --recipe to say which model and data it is")
+        raise ValueError(f"{a.checkpoint} carries no config: pass --recipe to say which model and data it is")
     if a.split:
         cfg.data.val_split = a.split
-    data = build_loaders(cfg.data, seed=cfg.seed)
-    model_cfg = cfg.student if not a.model else from_dict(ModelConfig, {"name": a.model}, "model")
-    model = load_student(a.checkpoint, model_config=model_cfg, num_classes=data.num_classes)
-    metrics = evaluate(model, data.val, device=cfg.train.device)
-    print(json.dumps({"checkpoint": str(a.checkpoint), "split": cfg.data.val_split, **metrics}, indent=1))
+    metrics = evaluate_checkpoint(a.checkpoint, cfg, model_name=a.model)
+    print(json.dumps({"checkpoint": str(a.checkpoint), "split": cfg.data.val_split, "evaluator": cfg.eval.name,
+                      **metrics}, indent=1))
     return 0
 
 
 def cmd_report(a: argparse.Namespace) -> int:
+    import warnings
+
     from kdforge.report import aggregate
 
-    table = aggregate(a.runs, metric=a.metric)
+    with warnings.catch_warnings(record=True) as caught:  # skipped runs: one line each, not a Python warning
+        warnings.simplefilter("always")
+        try:
+            table = aggregate(a.runs, metric=a.metric, mode=a.mode)
+        finally:
+            for w in caught:
+                print(f"kdforge report: warning: {w.message}", file=sys.stderr)
     if a.out:
         Path(a.out).write_text(table)
     print(table)
@@ -91,9 +95,10 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 def cmd_list(a: argparse.Namespace) -> int:
     import kdforge  # noqa: F401  (registration)
-    from kdforge.registry import DATASETS, DISTILLERS, LOSSES, MODELS
+    from kdforge.registry import DATASETS, DISTILLERS, EVALUATORS, LOSSES, MODELS
 
-    tables = {"models": MODELS, "methods": DISTILLERS, "datasets": DATASETS, "losses": LOSSES}
+    tables = {"models": MODELS, "methods": DISTILLERS, "datasets": DATASETS, "losses": LOSSES,
+              "evaluators": EVALUATORS}
     for kind in ([a.kind] if a.kind else tables):
         print(f"{kind}: {', '.join(tables[kind].names())}")
     if not a.kind or a.kind == "models":
@@ -143,9 +148,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("report", help="aggregate run folders into one table (mean ± std over seeds)",
                        description="Find run folders (summary.json) under the given paths and print a Markdown "
-                                   "table grouped by data, teacher, student and method.")
+                                   "table with one row per experiment (its configuration minus seed, labelled by "
+                                   "recipe name): the teacher's value, the student's mean ± std over seeds, the "
+                                   "number of seeds and the best seed. Copies of a run count once; unreadable "
+                                   "summaries are skipped and named.")
     s.add_argument("runs", nargs="+", help="run folders or folders containing them")
-    s.add_argument("--metric", default="top1", help="metric to aggregate (default: %(default)s)")
+    s.add_argument("--metric", default=None,
+                   help="metric to aggregate, any the runs' evaluator returned (default: the runs' monitor metric)")
+    s.add_argument("--mode", choices=["max", "min"], default=None,
+                   help="whether higher or lower is better, for 'best' (default: the runs' monitor mode for this "
+                        "metric, else min for loss/error/distance names such as loss, l1, fid)")
     s.add_argument("--out", help="also write the table to this file")
     s.set_defaults(fn=cmd_report)
 
@@ -158,8 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.set_defaults(fn=cmd_demo)
 
-    s = sub.add_parser("list", help="list registered models, methods, datasets and losses")
-    s.add_argument("kind", nargs="?", choices=["models", "methods", "datasets", "losses"])
+    s = sub.add_parser("list", help="list registered models, methods, datasets, losses and evaluators")
+    s.add_argument("kind", nargs="?", choices=["models", "methods", "datasets", "losses", "evaluators"])
     s.set_defaults(fn=cmd_list)
     return p
 

@@ -1,6 +1,7 @@
 """Recipes: typed dataclasses read from flat YAML, with `--set a.b=c` overrides.
 
-A recipe has five short sections (data, teacher, student, method, train) and a few top-level keys.
+A recipe has short sections (data, teacher, student, method, train, and optionally eval) and a few top-level
+keys.
 Unknown keys are rejected with the closest valid key, so a typo never silently becomes a default.
 `method` and the model sections are open: their extra keys are keyword arguments of the distiller or of
 the model factory, checked against that callable's signature when it is built.
@@ -11,6 +12,7 @@ import copy
 import dataclasses
 import inspect
 import math
+import numbers
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -49,16 +51,31 @@ class DataConfig:
     resize: int | None = None  # resize every image to this side (e.g. 32 -> 224 for an ImageNet-shaped model)
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    train_name: str | None = None  # train on another dataset (out-of-domain data); `name` is then only evaluated
+    train_source: str | None = None  # where train_name's public files are
     train_subset: int | None = None  # a fixed random subset (same for every seed) of the train split, for quick runs
     val_subset: int | None = None
     synthetic_train: int = 10000  # sizes of the generated dataset when name == synthetic
     synthetic_test: int = 2000
     synthetic_size: int = 32
 
+    def __post_init__(self) -> None:
+        _validate_data(self)
+
 
 @dataclass
 class MethodConfig:
     name: str = "kd"  # a DISTILLERS name
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvalConfig:
+    """What a run is scored by: an EVALUATORS name (classification, groups, images) and its options."""
+
+    name: str = "classification"
+    monitor: str | None = None  # the metric for "best" and the plateau schedule; default: the evaluator's own
+    mode: str | None = None  # max | min (higher or lower is better); default: the evaluator's own
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -89,6 +106,9 @@ class TrainConfig:
     tensorboard: bool = False
     teacher_cache: bool = False  # reuse teacher outputs by sample index (inputs must be deterministic)
 
+    def __post_init__(self) -> None:  # also for TrainConfig(...) and distill(..., epochs=0) from Python
+        _validate_train(self)
+
 
 @dataclass
 class RunConfig:
@@ -100,13 +120,172 @@ class RunConfig:
     teacher: ModelConfig | None = None
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        validate_run_name(self.name)
+        _number(self, "", "seed", integer=True)
 
     def to_dict(self) -> dict[str, Any]:
         return _flatten_open(dataclasses.asdict(self))
 
 
+# ------------------------------------------------------------------------------------------- ranges
+# Checked when a config is built (from a recipe or from Python), so a bad value fails at load, naming
+# the key and the allowed range, instead of deep inside a run (or, worse, silently: a negative
+# grad_clip turns gradient descent into ascent).
+PRECISIONS = ("32", "fp32", "bf16", "16", "fp16")
+OPTIMIZERS = ("sgd", "adam", "adamw")  # what kdforge.engine.optim builds
+SCHEDULES = ("cosine", "multistep", "constant", "plateau")
+
+
+def validate_run_name(name: Any) -> str:
+    """`name` must be a plain folder name: the run folder is <out_dir>/<name>, and --overwrite replaces it."""
+    if (not isinstance(name, str) or name.strip() in ("", ".", "..") or "/" in name or "\\" in name
+            or "\0" in name):
+        raise ConfigError(f"name: {name!r} is not a plain folder name (no '/', not '.' or '..', not empty); "
+                          f"the run folder is <out_dir>/<name>, so put directories in out_dir")
+    return name
+
+
+def _rule(integer: bool, low: float | None, above: bool, high: float | None, optional: bool) -> str:
+    kind = "an integer" if integer else "a number"
+    if low is not None and high is not None:
+        rng = f" in [{low}, {high}]" if not above else f" in ({low}, {high}]"
+    elif low is not None:
+        rng = f" {'>' if above else '>='} {low}"
+    elif high is not None:
+        rng = f" <= {high}"
+    else:
+        rng = ""
+    return kind + rng + (" or null" if optional else "")
+
+
+def _number(obj: Any, section: str, key: str, *, integer: bool = False, low: float | None = None,
+            above: bool = False, high: float | None = None, optional: bool = False, why: str = "") -> None:
+    """Check a numeric setting's range, and store it as a plain int/float (numpy scalars dump badly to YAML)."""
+    value = getattr(obj, key)
+    if value is None and optional:
+        return
+    where = f"{section}.{key}" if section else key
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+    ok = ok and (not integer or float(value).is_integer())
+    ok = ok and (low is None or (value > low if above else value >= low)) and (high is None or value <= high)
+    if not ok:
+        raise ConfigError(f"{where}: must be {_rule(integer, low, above, high, optional)}, got {value!r}{why}")
+    setattr(obj, key, int(value) if integer else float(value))
+
+
+def _choice(obj: Any, section: str, key: str, choices: tuple[str, ...]) -> None:
+    value = getattr(obj, key)
+    if str(value).lower() not in choices:
+        raise ConfigError(f"{section}.{key}: unknown {key} {value!r}{did_you_mean(str(value).lower(), choices)}"
+                          f" (one of: {', '.join(choices)})")
+
+
+def _flag(obj: Any, section: str, key: str) -> None:
+    value = getattr(obj, key)
+    if value not in (True, False):  # also admits numpy bools and 0/1
+        raise ConfigError(f"{section}.{key}: expected true/false, got {value!r}")
+    setattr(obj, key, bool(value))
+
+
+def _numbers(obj: Any, section: str, key: str, *, low: float | None = None, above: bool = False,
+             high: float | None = None, below_high: bool = False, length: int | None = None) -> None:
+    """A tuple setting (mean, std, betas, milestones): each element a finite number in range."""
+    values = getattr(obj, key)
+    where = f"{section}.{key}"
+    if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple)):
+        raise ConfigError(f"{where}: expected a list of numbers, got {values!r}")
+    if length is not None and len(values) != length:
+        raise ConfigError(f"{where}: expected {length} numbers, got {len(values)} ({list(values)!r})")
+    for v in values:
+        ok = not isinstance(v, bool) and isinstance(v, numbers.Real) and math.isfinite(v)
+        ok = ok and (low is None or (v > low if above else v >= low))
+        ok = ok and (high is None or (v < high if below_high else v <= high))
+        if not ok:
+            rng = " ".join(filter(None, [f"{'>' if above else '>='} {low}" if low is not None else "",
+                                         "and" if low is not None and high is not None else "",
+                                         f"{'<' if below_high else '<='} {high}" if high is not None else ""]))
+            raise ConfigError(f"{where}: every value must be a number{' ' + rng if rng else ''}, got {v!r}")
+    setattr(obj, key, tuple(float(v) for v in values))
+
+
+def _text(obj: Any, section: str, key: str, *, optional: bool = False) -> None:
+    value = getattr(obj, key)
+    if value is None and optional:
+        return
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{section}.{key}: must be a non-empty string, got {value!r}")
+
+
+def _validate_train(c: TrainConfig) -> None:
+    s = "train"
+    _number(c, s, "epochs", integer=True, low=1)
+    _number(c, s, "max_steps", integer=True, low=1, optional=True)
+    _choice(c, s, "optimizer", OPTIMIZERS)
+    _number(c, s, "lr", low=0, above=True)
+    _number(c, s, "momentum", low=0, high=1)
+    _flag(c, s, "nesterov")
+    if c.nesterov and c.momentum == 0 and str(c.optimizer).lower() == "sgd":
+        raise ConfigError("train.nesterov: Nesterov momentum needs train.momentum > 0")
+    _number(c, s, "weight_decay", low=0)
+    _numbers(c, s, "betas", low=0, high=1, below_high=True, length=2)
+    _choice(c, s, "schedule", SCHEDULES)
+    _numbers(c, s, "milestones", low=0)
+    _number(c, s, "gamma", low=0, above=True)
+    _number(c, s, "warmup_epochs", low=0)
+    _number(c, s, "min_lr", low=0)
+    _number(c, s, "plateau_patience", integer=True, low=0)
+    _number(c, s, "grad_clip", low=0, above=True, optional=True,
+            why=" (a max gradient norm; a negative one would turn descent into ascent)")
+    c.precision = str(c.precision)  # `precision: 32` in YAML or precision=16 from Python
+    _choice(c, s, "precision", PRECISIONS)
+    _flag(c, s, "channels_last")
+    _device(c.device)
+    _number(c, s, "checkpoint_every", integer=True, low=1, optional=True)
+    _number(c, s, "eval_every", integer=True, low=1)
+    _number(c, s, "log_every", integer=True, low=0, why=" (0: no step lines)")
+    for key in ("progress", "tensorboard", "teacher_cache"):
+        _flag(c, s, key)
+
+
+def _device(name: Any) -> None:
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"train.device: must be auto or a torch device such as cpu, cuda, cuda:1, got {name!r}")
+    if name == "auto":
+        return
+    import torch  # only here: parsing a device name needs no GPU, but config.py stays light otherwise
+
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(f"train.device: unknown device {name!r} (use auto, cpu, cuda, cuda:N, mps, ...)") from e
+
+
+def _validate_data(c: DataConfig) -> None:
+    s = "data"
+    for key in ("name", "root", "train_split", "val_split"):
+        _text(c, s, key)
+    _number(c, s, "batch_size", integer=True, low=1)
+    _number(c, s, "eval_batch_size", integer=True, low=1)
+    _number(c, s, "crop_pad", integer=True, low=0, why=" (0: no random crop)")
+    _flag(c, s, "flip")
+    _number(c, s, "resize", integer=True, low=1, optional=True)
+    _numbers(c, s, "mean")
+    _numbers(c, s, "std", low=0, above=True)
+    if len(c.mean) != len(c.std) or not c.mean:
+        raise ConfigError(f"data.mean and data.std: need one value per channel each, got {len(c.mean)} and "
+                          f"{len(c.std)}")
+    _number(c, s, "train_subset", integer=True, low=1, optional=True)
+    _number(c, s, "val_subset", integer=True, low=1, optional=True)
+    _number(c, s, "synthetic_train", integer=True, low=1)
+    _number(c, s, "synthetic_test", integer=True, low=1)
+    _number(c, s, "synthetic_size", integer=True, low=1)
+
+
 # Sections whose unknown keys are kwargs of a callable rather than errors.
-_OPEN = (ModelConfig, MethodConfig)
+_OPEN = (ModelConfig, MethodConfig, EvalConfig)
 
 
 def _flatten_open(d: dict[str, Any]) -> dict[str, Any]:
@@ -223,7 +402,19 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like key.path=value")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise _yaml_error(e, f"--set {text}") from None
+
+
+def _yaml_error(e: yaml.YAMLError, where: str) -> ConfigError:
+    """One line naming the file and line instead of PyYAML's multi-line report."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).strip().splitlines()[0]
+    context = getattr(e, "context", None)
+    at = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark is not None else where
+    return ConfigError(f"{at}: invalid YAML: {problem}" + (f" ({context})" if context else ""))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
@@ -234,8 +425,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"recipe not found: {p}")
-        loaded = yaml.safe_load(p.read_text())
-        if loaded is not None and not isinstance(loaded, dict):
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise _yaml_error(e, str(p)) from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{p}: not a text file, so not a YAML recipe") from None
+        if loaded is None:  # else the defaults run, and fail later with a misleading message
+            raise ConfigError(f"{p}: the recipe is empty; it needs at least a student (and a teacher and a method "
+                              f"to distil), see recipes/")
+        if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: a recipe must be a mapping at the top level")
         tree.update(loaded or {})
     for item in overrides:
@@ -244,27 +443,37 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return from_dict(RunConfig, tree)
 
 
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a small text file so a kill leaves either the old file or the new one, never half of it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def expand_path(p: str | None) -> str | None:
     """`~` and `$VARS` in recipe paths; `${KDFORGE_SHARED_DATA}` defaults to ../shared/data."""
     if p is None:
         return None
-    # expandvars handles every variable that is set; only kdforge's two need a default when unset
-    defaults = {"KDFORGE_SHARED_DATA": lambda: str(default_shared_data()), "KDFORGE_CACHE": lambda: "~/.cache/kdforge"}
+    from kdforge import paths  # the one home of both defaults
+
+    # expandvars handles every variable that is set; only kdforge's two need a default when unset or empty
+    defaults = {"KDFORGE_SHARED_DATA": paths.default_shared_data, "KDFORGE_CACHE": paths.cache_home}
     for name, default in defaults.items():
-        if name not in os.environ:
-            p = p.replace("${" + name + "}", default()).replace("$" + name, default())
+        if not os.environ.get(name):
+            p = p.replace("${" + name + "}", str(default())).replace("$" + name, str(default()))
     return os.path.expanduser(os.path.expandvars(p))
 
 
 def default_shared_data() -> Path:
-    env = os.environ.get("KDFORGE_SHARED_DATA")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / "shared" / "data"
+    """`$KDFORGE_SHARED_DATA`, else `<repo>/../shared/data` (kept here for callers; defined in kdforge.paths)."""
+    from kdforge import paths
+
+    return paths.default_shared_data()
 
 
 def check_kwargs(fn: Callable[..., Any], kwargs: dict[str, Any], what: str, also: Iterable[str] = ()) -> None:

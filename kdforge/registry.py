@@ -6,6 +6,7 @@ unknown names fail with the closest registered names, so a typo in a recipe is a
 from __future__ import annotations
 
 import difflib
+import importlib
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -62,9 +63,7 @@ class Registry:
             prefix, rest = name.split(":", 1)
             if prefix in self._resolvers:
                 return self._resolvers[prefix](rest)
-            if "." in prefix or prefix.isidentifier():
-                from kdforge.models.external import import_factory  # user factory 'pkg.mod:fn'
-
+            if "." in prefix or prefix.isidentifier():  # a user factory 'pkg.mod:fn'
                 return import_factory(name, kind=self.kind)
         raise RegistryError(
             f"unknown {self.kind} {name!r}{did_you_mean(name, self.names())}"
@@ -87,8 +86,41 @@ class Registry:
         return len(self._items)
 
 
+def import_factory(spec: str, kind: str = "model") -> Callable[..., Any]:
+    """The callable named by ``spec`` = ``"pkg.mod:attr"`` or ``"pkg.mod:attr.sub"``, imported on demand.
+
+    Lets a recipe use a model (or dataset, loss, ...) defined in the user's own code without registering it.
+    Errors name the spec: a module that cannot be imported re-raises ``ModuleNotFoundError``; a missing
+    attribute raises ``RegistryError`` with the closest public names of the module (or object) searched.
+    """
+    module_name, sep, attr_path = spec.partition(":")
+    if not sep or not module_name or not attr_path:
+        raise ValueError(f"{kind} spec {spec!r} must look like 'package.module:function'")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError(
+            f"cannot import module {module_name!r} for {kind} {spec!r}: {e}"
+            " (is it installed, or its folder on sys.path / PYTHONPATH?)",
+            name=e.name,
+        ) from e
+    where = module_name  # what has been resolved so far, for the error message
+    for i, part in enumerate(attr_path.split(".")):
+        if not hasattr(obj, part):
+            public = [n for n in dir(obj) if not n.startswith("_")]
+            raise RegistryError(
+                f"{kind} {spec!r}: {where!r} has no attribute {part!r}{did_you_mean(part, public)}"
+            )
+        obj = getattr(obj, part)
+        where += (":" if i == 0 else ".") + part
+    if not callable(obj):
+        raise TypeError(f"{kind} {spec!r} is a {type(obj).__name__}, not a callable factory")
+    return obj
+
+
 MODELS = Registry("model")
 DISTILLERS = Registry("distiller")
 DATASETS = Registry("dataset")
 LOSSES = Registry("loss")
 METRICS = Registry("metric")
+EVALUATORS = Registry("evaluator")

@@ -35,7 +35,7 @@ RECIPE = {
     "data": {"name": "synthetic", "batch_size": 64, "mean": [0.5, 0.5, 0.5]},
     "teacher": {"name": "resnet56", "weights": "teacher.pt"},
     "student": "resnet20",
-    "method": {"name": "kd", "temperature": 4, "alpha": 0.5},
+    "method": {"name": "kd", "temperature": 4, "kd_weight": 0.5},
     "train": {"epochs": 3, "lr": 0.1, "milestones": [1, 2], "schedule": "multistep"},
 }
 
@@ -47,7 +47,7 @@ def test_load_config_reads_every_section(tmp_path):
     assert cfg.data == DataConfig(batch_size=64, mean=(0.5, 0.5, 0.5))
     assert cfg.teacher == ModelConfig(name="resnet56", weights="teacher.pt")
     assert cfg.student == ModelConfig(name="resnet20")  # `student: resnet20` shorthand
-    assert cfg.method == MethodConfig(name="kd", kwargs={"temperature": 4, "alpha": 0.5})
+    assert cfg.method == MethodConfig(name="kd", kwargs={"temperature": 4, "kd_weight": 0.5})
     assert cfg.train.epochs == 3 and cfg.train.lr == 0.1 and cfg.train.schedule == "multistep"
     assert cfg.train.milestones == (1.0, 2.0) and isinstance(cfg.train.milestones, tuple)
     assert cfg.train.momentum == TrainConfig().momentum  # untouched keys keep their defaults
@@ -70,7 +70,7 @@ def test_overrides_replace_recipe_values(tmp_path):
     overrides = ["train.lr=0.2", "method.temperature=2", "student.name=resnet32"]
     cfg = load_config(_recipe(tmp_path, RECIPE), overrides)
     assert cfg.train.lr == 0.2
-    assert cfg.method.kwargs == {"temperature": 2, "alpha": 0.5}
+    assert cfg.method.kwargs == {"temperature": 2, "kd_weight": 0.5}
     assert cfg.student.name == "resnet32"  # the `student: resnet20` shorthand became a section
 
 
@@ -159,10 +159,10 @@ def test_wrong_types_name_the_key(override, fragment):
 # ------------------------------------------------------------------------------------------- open sections
 def test_open_sections_put_extra_keys_into_kwargs(tmp_path):
     tree = {"student": {"name": "wrn_16_2", "num_classes": 100, "dropout": 0.1},
-            "method": {"name": "crd", "feat_dim": 64, "kwargs": {"beta": 0.5}}}
+            "method": {"name": "crd", "feat_dim": 64, "kwargs": {"crd_weight": 0.5}}}
     cfg = load_config(_recipe(tmp_path, tree))
     assert cfg.student == ModelConfig(name="wrn_16_2", kwargs={"num_classes": 100, "dropout": 0.1})
-    assert cfg.method == MethodConfig(name="crd", kwargs={"feat_dim": 64, "beta": 0.5})
+    assert cfg.method == MethodConfig(name="crd", kwargs={"feat_dim": 64, "crd_weight": 0.5})
 
 
 def test_to_dict_writes_kwargs_inline():

@@ -2,6 +2,7 @@
 offending layer; the feature taps and the teacher cache the methods are built on."""
 from __future__ import annotations
 
+import inspect
 import re
 import sys
 import textwrap
@@ -13,11 +14,14 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import kdforge
+from kdforge.api import build_distiller
+from kdforge.config import ConfigError, load_config
 from kdforge.data.loader import BatchLoader
 from kdforge.data.synthetic import make_synthetic
 from kdforge.distillers.base import Distiller, FeatureTaps, TeacherCache
 from kdforge.distillers.fitnet import FitNet
 from kdforge.engine.logging import read_metrics
+from kdforge.losses import hint_mse, kd_div, vid_loss
 from kdforge.registry import DISTILLERS, MODELS, RegistryError
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -31,7 +35,7 @@ EXPECTED_LOSSES = {
     "kd": {"ce", "kd"},
     "nst": {"ce", "nst"},
     "pkt": {"ce", "pkt"},
-    "rkd": {"ce", "rkd"},
+    "rkd": {"ce", "rkd_dist", "rkd_angle"},
     "scratch": {"ce"},
     "vid": {"ce", "vid"},
 }
@@ -86,15 +90,104 @@ def test_fitnet_loss_terms_per_stage(aug_loader):
 
 
 def test_kd_loss_is_the_weighted_sum_of_its_terms(aug_loader):
-    """The Hinton loss (1 - alpha) CE + alpha T^2 KL: at alpha 0 the kd term vanishes, at 1 the ce term."""
+    """ce_weight * CE + kd_weight * T^2 KL, both additive: each term scales with its own weight only."""
     batch = aug_loader.get_batch(0)
-    for alpha, zero in ((0.0, "kd"), (1.0, "ce")):
-        d = DISTILLERS.get("kd")(tiny_net(1, width=4), tiny_net(2), alpha=alpha)
-        out = d.training_step(batch)
-        other = ({"ce", "kd"} - {zero}).pop()
-        assert float(out[zero].detach()) == 0.0 and float(out[other].detach()) > 0
+    d = DISTILLERS.get("kd")(tiny_net(1, width=4), tiny_net(2), ce_weight=0.3, kd_weight=2.0, temperature=2.0)
+    out = d.training_step(batch)
+    t_logits, _ = d.run_teacher(batch)
+    s_logits, _ = d.run_student(batch["image"])
+    torch.testing.assert_close(out["ce"], 0.3 * torch.nn.functional.cross_entropy(s_logits, batch["label"]))
+    torch.testing.assert_close(out["kd"], 2.0 * kd_div(s_logits, t_logits, 2.0))
     with pytest.raises(ValueError, match="temperature > 0"):
         DISTILLERS.get("kd")(tiny_net(1), tiny_net(2), temperature=0)
+    with pytest.raises(ValueError, match=r"kd_weight=-1\.0"):
+        DISTILLERS.get("kd")(tiny_net(1), tiny_net(2), kd_weight=-1.0)
+
+
+def _stage_outputs(name: str, loader, batch, **options) -> list[dict[str, torch.Tensor]]:
+    """The loss dict of one step in each of the method's stages (FitNet: hint, then KD), built afresh."""
+    torch.manual_seed(0)  # regressors and embedders are initialised from the global RNG
+    d = build_distiller(name, tiny_net(1, width=4), tiny_net(2), loader, **options)
+    outs = []
+    for stage in d.stages(4):
+        d.set_stage(stage.name)
+        torch.manual_seed(1)  # CRD draws its negatives from the global RNG
+        outs.append({k: v.detach() for k, v in d.training_step(batch).items()})
+    return outs
+
+
+WEIGHT_CASES = [(name, {}) for name in DISTILLERS.names()] + [("fitnet", {"two_stage": False})]
+
+
+@pytest.mark.parametrize("name, extra", WEIGHT_CASES, ids=[n + ("_one_stage" if e else "") for n, e in WEIGHT_CASES])
+def test_every_loss_term_is_weighed_by_its_own_option(name, extra, aug_loader):
+    """Term X of training_step (as logged in metrics.jsonl) is weighed by option X_weight, additively: scaling
+    X_weight scales X and nothing else, 0 removes X, and every *_weight option weighs a term of that name."""
+    params = inspect.signature(DISTILLERS.get(name).__init__).parameters
+    assert not {"alpha", "beta"} & set(params), f"{name}: weights are named for what they weigh"
+    batch = aug_loader.get_batch(0)
+    base = _stage_outputs(name, aug_loader, batch, **extra)
+    for key in set().union(*base):
+        option = f"{key}_weight"
+        assert option in params, f"{name}: loss term {key!r} has no {option!r} option"
+        one = _stage_outputs(name, aug_loader, batch, **extra, **{option: 1.0})
+        three = _stage_outputs(name, aug_loader, batch, **extra, **{option: 3.0})
+        for o1, o3 in zip(one, three):
+            assert set(o1) == set(o3)
+            for k in o1:
+                torch.testing.assert_close(o3[k], 3.0 * o1[k] if k == key else o1[k])
+        if any(set(o) == {key} for o in base):  # the only term of a stage: weight 0 would train nothing
+            with pytest.raises(ValueError, match=f"{option}=0"):
+                _stage_outputs(name, aug_loader, batch, **extra, **{option: 0.0})
+            continue
+        zero = _stage_outputs(name, aug_loader, batch, **extra, **{option: 0.0})
+        for o0, o1 in zip(zero, one):
+            assert key not in o0 or float(o0[key]) == 0.0
+            for k in set(o1) - {key}:
+                torch.testing.assert_close(o0[k], o1[k])
+    for option in (p for p in params if p.endswith("_weight")):
+        on = _stage_outputs(name, aug_loader, batch, **extra, **{option: 2.0})
+        assert option.removesuffix("_weight") in set().union(*on), f"{name}: {option} weighs no loss term"
+
+
+@pytest.mark.parametrize("name, old", [("kd", "alpha"), ("at", "beta"), ("fitnet", "alpha"), ("pkt", "beta"),
+                                       ("rkd", "w_dist")])
+def test_old_weight_names_fail_naming_the_option(name, old, aug_loader):
+    with pytest.raises(ConfigError, match=f"unknown option '{old}' for method '{name}'"):
+        kdforge.distill(tiny_net(1), tiny_net(2), aug_loader, method=name, max_steps=1, **FAST, **{old: 0.5})
+
+
+def test_one_stage_fitnet_takes_every_weight_from_a_recipe(aug_loader):
+    """CE, KD and hint terms of one-stage FitNet, each with its own weight, all settable from a recipe."""
+    cfg = load_config(None, base={"method": {"name": "fitnet", "two_stage": False, "ce_weight": 0.5,
+                                             "kd_weight": 0.25, "hint_weight": 10.0, "temperature": 2.0}})
+    d = build_distiller("fitnet", tiny_net(1, width=4), tiny_net(2), aug_loader, **cfg.method.kwargs)
+    batch = aug_loader.get_batch(0)
+    out = d.training_step(batch)
+    t_logits, (t_feat,) = d.run_teacher(batch)
+    s_logits, (s_feat,) = d.run_student(batch["image"])
+    assert set(out) == {"ce", "kd", "hint"}
+    torch.testing.assert_close(out["ce"], 0.5 * torch.nn.functional.cross_entropy(s_logits, batch["label"]))
+    torch.testing.assert_close(out["kd"], 0.25 * kd_div(s_logits, t_logits, 2.0))
+    torch.testing.assert_close(out["hint"], 10.0 * hint_mse(d.regressor(s_feat), t_feat))
+
+
+def test_regressed_features_pool_the_larger_map_down(aug_loader):
+    """FitNet and VID compare a regressed student map with a teacher map of another size by the one rule of
+    kdforge.losses.features.match_spatial: the larger map is adaptive-average-pooled to the smaller."""
+    batch = aug_loader.get_batch(0)
+    layers = {"student_layer": "layer3", "teacher_layer": "layer2"}  # 4x4 student map, 8x8 teacher map
+    fit = FitNet(tiny_net(1, width=4), tiny_net(2), two_stage=False, input_shape=(3, 16, 16), **layers)
+    _, (t_feat,) = fit.run_teacher(batch)
+    _, (s_feat,) = fit.run_student(batch["image"])
+    pooled_t = torch.nn.functional.adaptive_avg_pool2d(t_feat, 4)
+    torch.testing.assert_close(fit.hint(s_feat, t_feat), hint_mse(fit.regressor(s_feat), pooled_t))
+    vid = DISTILLERS.get("vid")(tiny_net(1, width=4), tiny_net(2), student_layers=["layer3"],
+                                teacher_layers=["layer2"], input_shape=(3, 16, 16), ce_weight=0.0, vid_weight=1.0)
+    out = vid.training_step(batch)
+    _, (s_feat,) = vid.run_student(batch["image"])
+    pred = vid.predictors[0]
+    torch.testing.assert_close(out["vid"], vid_loss(pred(s_feat), pooled_t, pred.log_scale, vid.eps))
 
 
 # ------------------------------------------------------------------------------------------ external models

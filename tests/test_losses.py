@@ -20,6 +20,7 @@ from kdforge.losses import (
     crd_scores,
     hint_mse,
     kd_div,
+    match_spatial,
     nst_loss,
     pkt_loss,
     rkd_angle,
@@ -163,10 +164,11 @@ def naive_pkt(s: torch.Tensor, t: torch.Tensor, eps: float = 1e-7) -> torch.Tens
 
     ps, pt = cond(s), cond(t)
     n = len(ps)
-    row_kl = [
-        sum(pt[i][j] * math.log((pt[i][j] + eps) / (ps[i][j] + eps)) for j in range(n)) for i in range(n)
-    ]
-    return scalar(mean(row_kl))
+    total = 0.0
+    for i in range(n):
+        for j in range(n):
+            total += pt[i][j] * math.log((pt[i][j] + eps) / (ps[i][j] + eps))
+    return scalar(total / (n * n))  # the official code's mean over all B^2 entries
 
 
 def naive_rkd_distance(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -267,6 +269,30 @@ def test_crd_scores_matches_naive() -> None:
 def test_pkt_loss_matches_naive() -> None:
     s, t = rand(B, C, 2, 2, seed=15), rand(B, 9, seed=16)  # flattened; dims may differ
     assert_close(pkt_loss(s, t), naive_pkt(s, t))
+    s64, t64 = rand(64, 6, seed=59), rand(64, 6, seed=60)  # the batch the published weight was tuned at
+    assert_close(pkt_loss(s64, t64), naive_pkt(s64, t64))
+
+
+@pytest.mark.parametrize(
+    "s_shape,t_shape",
+    [((B, 3, 8, 8), (B, 6, 4, 4)), ((B, 5, 4, 4), (B, 3, 6, 6)), ((B, 2, 8, 4), (B, 2, 4, 8))],
+    ids=["student-larger", "teacher-larger-non-integer-ratio", "each-larger-on-one-axis"],
+)
+def test_match_spatial_pools_the_larger_map_down(s_shape: tuple, t_shape: tuple) -> None:
+    s, t = rand(*s_shape, seed=61), rand(*t_shape, seed=62)
+    got_s, got_t = match_spatial(s, t)
+    want_s, want_t = naive_match(s, t)
+    assert_close(got_s, torch.tensor(want_s, dtype=torch.float64))
+    assert_close(got_t, torch.tensor(want_t, dtype=torch.float64))
+
+
+def test_match_spatial_leaves_equal_sizes_and_vectors_alone() -> None:
+    s, t = rand(B, 3, H, W, seed=63), rand(B, 6, H, W, seed=64)
+    assert all(a is b for a, b in zip(match_spatial(s, t), (s, t)))
+    v, u = rand(B, 6, seed=65), rand(B, 6, seed=66)  # pooled features, no spatial axes
+    assert all(a is b for a, b in zip(match_spatial(v, u), (v, u)))
+    with pytest.raises(ValueError, match=r"\(5, 3, 4, 4\).*\(5, 6\)"):
+        match_spatial(s, v)
 
 
 def test_rkd_matches_naive() -> None:
@@ -275,7 +301,7 @@ def test_rkd_matches_naive() -> None:
     assert_close(rkd_distance(s, t), dist)
     assert_close(rkd_angle(s, t), ang)
     assert_close(rkd_loss(s, t), 25.0 * dist + 50.0 * ang)
-    assert_close(rkd_loss(s, t, w_dist=1.0, w_angle=2.0), dist + 2.0 * ang)
+    assert_close(rkd_loss(s, t, dist_weight=1.0, angle_weight=2.0), dist + 2.0 * ang)
 
 
 def test_rkd_distance_exercises_both_huber_branches() -> None:
@@ -411,7 +437,7 @@ def test_gradients_reach_student_and_match_finite_differences(name: str, fn, arg
 
 
 def test_every_export_is_registered_under_its_name() -> None:
-    helpers = {"attention_map", "crd_scores"}  # return tensors, not losses
+    helpers = {"attention_map", "crd_scores", "match_spatial"}  # return tensors, not losses
     for name in losses.__all__:
         assert hasattr(losses, name)
         if name in helpers:

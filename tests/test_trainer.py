@@ -276,7 +276,7 @@ def test_scheduler_follows_lr_factor_per_step():
 def _constant_loss_evaluator(losses):
     it = iter(losses)
 
-    def evaluator(distiller, loader, device):
+    def evaluator(predict, loader, device, **_):
         return {"loss": next(it), "top1": 0.0}
 
     return evaluator
@@ -293,6 +293,21 @@ def test_plateau_reduces_lr_when_val_loss_stalls(synth, val_losses, final_lr):
     # within an epoch the plateau schedule keeps the lr constant (it steps on evaluations only)
     if final_lr < 0.05:
         assert [r["lr"] for r in fit.history] == pytest.approx([0.05, 0.05, 0.025])
+
+
+def test_plateau_follows_the_monitored_metric_and_its_mode(synth):
+    """An evaluator without a loss (image metrics) drives the plateau schedule through `monitor`."""
+    def evaluator(predict, loader, device, **_):
+        return {"psnr": 20.0}  # stalls from the first epoch
+
+    cfg = _train_cfg(epochs=3, schedule="plateau", plateau_patience=0, gamma=0.5, checkpoint_every=None)
+    distiller = HintonKD(tiny_net(1, width=4), tiny_net(2))
+    fit = Trainer(cfg, evaluator=evaluator, monitor="psnr").fit(distiller, _fresh_aug_loader(synth), val_loader=[None])
+    assert distiller.optimizers["main"].param_groups[0]["lr"] == pytest.approx(0.0125)
+    assert fit.best == {"metric": "psnr", "mode": "max", "value": 20.0, "epoch": 1}
+    with pytest.raises(KeyError, match="monitor metric 'top1'.*psnr"):
+        Trainer(cfg, evaluator=evaluator, monitor="top1").fit(HintonKD(tiny_net(1, width=4), tiny_net(2)),
+                                                               _fresh_aug_loader(synth), val_loader=[None])
 
 
 # ------------------------------------------------------------------------------------------ grad clip
@@ -407,10 +422,10 @@ class RecordingFitNet(FitNet):
         self.made[stage] = opts["main"]
         return opts
 
-    def set_stage(self, name):
-        if name == "kd":
+    def set_stage(self, stage):
+        if stage.name == "kd":
             self.after_hint = state_copy(self.student)
-        super().set_stage(name)
+        super().set_stage(stage)
 
     def training_step(self, batch):
         if self.stage == "kd" and self.first_kd_step is None:

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import torch
 
+from kdforge.data.combined import CombinedLoader, DataFree, IndexedDataset
 from kdforge.data.decoded import CACHE_FORMAT_VERSION, DecodedData
 from kdforge.data.loader import IMAGENET_MEAN, IMAGENET_STD, BatchLoader
 from kdforge.data.prepare import default_cache_root, load_split, prepare, shared_data_dir
+from kdforge.data.samplers import GroupClassBalancedSampler
 from kdforge.data.synthetic import make_synthetic
 from kdforge.data.transforms import BatchAugment, normalize, random_crop_flip, resize
 
@@ -44,7 +46,8 @@ def make_grid_image(
 
 
 __all__ = [
-    "CACHE_FORMAT_VERSION", "IMAGENET_MEAN", "IMAGENET_STD", "BatchAugment", "BatchLoader", "DecodedData",
+    "CACHE_FORMAT_VERSION", "IMAGENET_MEAN", "IMAGENET_STD", "BatchAugment", "BatchLoader", "CombinedLoader",
+    "DataFree", "DecodedData", "GroupClassBalancedSampler", "IndexedDataset",
     "default_cache_root", "load_split", "make_grid_image", "make_synthetic", "normalize", "prepare",
     "random_crop_flip", "resize", "shared_data_dir",
 ]

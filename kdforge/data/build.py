@@ -1,6 +1,12 @@
-"""From a recipe's `data:` section to train/val loaders: decode on first use, then memory-mapped caches."""
+"""From a recipe's `data:` section to train/val loaders: decode on first use, then memory-mapped caches.
+
+The cache is checked against `data.source` on every load: when the source exists and its fingerprint differs
+from the one the committed cache was made from (another file, files added or removed), the dataset is
+prepared again; when the source is absent, the committed cache is used as it is.
+"""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +23,7 @@ class DataBundle:
     num_classes: int
     classes: list[str]
     image_shape: tuple[int, int, int]
+    num_groups: int | None = None  # distinct values of the `group` attribute (max + 1), None without one
 
 
 def _subset(data, n: int | None, seed: int):
@@ -27,33 +34,57 @@ def _subset(data, n: int | None, seed: int):
 
 
 def load_splits(cfg: Any) -> tuple[Any, Any]:
-    """The decoded train and val splits named by a DataConfig (prepared from `source` when missing)."""
-    from kdforge.data.prepare import load_split, prepare
+    """The decoded train and val splits named by a DataConfig, from a cache consistent with `source`."""
+    from kdforge.data.decoded import CACHE_FORMAT_VERSION
+    from kdforge.data.prepare import committed_preparation, load_split, prepare, source_fingerprint
     from kdforge.data.synthetic import make_synthetic
 
     if cfg.name == "synthetic":
         splits = make_synthetic(cfg.synthetic_train, cfg.synthetic_test, size=cfg.synthetic_size, seed=0)
         return splits["train"], splits["test"]
     root = Path(expand_path(cfg.root))
-    try:
-        return load_split(cfg.name, cfg.train_split, root), load_split(cfg.name, cfg.val_split, root)
-    except FileNotFoundError:
-        if not cfg.source:
-            raise
-    prepare(cfg.name, expand_path(cfg.source), root)
+    source = expand_path(cfg.source) if cfg.source else None
+    stamp = committed_preparation(cfg.name, root)
+    if source is not None and (Path(source).exists() or stamp is None):  # a missing source: prepare names it
+        fresh = (stamp is not None and stamp.get("format_version") == CACHE_FORMAT_VERSION
+                 and stamp.get("fingerprint") == source_fingerprint(source))
+        if not fresh:  # checked here first, so an up-to-date cache on a read-only disk needs no lock
+            # decoded again with the builder and options the cache was made with (e.g. prepare(format=...))
+            fmt, options = (stamp.get("format"), stamp.get("options") or {}) if stamp else (None, {})
+            prepare(cfg.name, source, root, format=fmt, **options)
     return load_split(cfg.name, cfg.train_split, root), load_split(cfg.name, cfg.val_split, root)
 
 
-def build_loaders(cfg: Any, *, seed: int = 0) -> DataBundle:
+def _num_groups(*datasets: Any) -> int | None:
+    cols = [d.attrs["group"] for d in datasets if "group" in d.attrs and len(d.attrs["group"])]
+    return int(max(int(c.max()) for c in cols)) + 1 if cols else None
+
+
+def build_loaders(cfg: Any, *, seed: int = 0, sampler: Any = None) -> DataBundle:
+    """Train and val BatchLoaders for a DataConfig; `sampler` (e.g. GroupClassBalancedSampler) orders train."""
     from kdforge.data.loader import BatchLoader
     from kdforge.data.transforms import BatchAugment
 
     train, val = load_splits(cfg)
     train, val = _subset(train, cfg.train_subset, 0), _subset(val, cfg.val_subset, 1)
+    if train.num_classes < 2:
+        warnings.warn(f"dataset {cfg.name!r} ({cfg.train_split}) has one class ({train.classes[0]!r}): "
+                      "its top-1 accuracy is 100 % whatever the model; check data.source", stacklevel=2)
+    if sampler is None and len(train) < cfg.batch_size:
+        raise ValueError(
+            f"dataset {cfg.name!r} split {cfg.train_split!r} has {len(train)} samples, fewer than batch_size="
+            f"{cfg.batch_size}; training drops the last incomplete batch, so an epoch would have no batches: "
+            f"lower data.batch_size (or raise data.train_subset)"
+        )
+    groups = _num_groups(train, val)  # one count for both, so train and val per-group metrics line up
     augment = BatchAugment(crop_pad=cfg.crop_pad, flip=cfg.flip, resize=cfg.resize)
     train_loader = BatchLoader(train, cfg.batch_size, shuffle=True, drop_last=True, augment=augment,
-                               mean=cfg.mean, std=cfg.std, seed=seed)
+                               mean=cfg.mean, std=cfg.std, seed=seed, sampler=sampler, num_groups=groups)
     val_loader = BatchLoader(val, cfg.eval_batch_size, shuffle=False, drop_last=False, mean=cfg.mean, std=cfg.std,
-                             seed=seed, augment=BatchAugment(resize=cfg.resize))
-    h, w = (cfg.resize, cfg.resize) if cfg.resize else train.image_size
-    return DataBundle(train_loader, val_loader, train.num_classes, list(train.classes), (3, h, w))
+                             seed=seed, augment=BatchAugment(resize=cfg.resize), num_groups=groups)
+    h, w = (cfg.resize, cfg.resize) if cfg.resize else val.image_size
+    if train.image_size != val.image_size and not cfg.resize:
+        raise ValueError(f"train images ({cfg.train_name or cfg.name}) are {train.image_size} but val images "
+                         f"({cfg.name}) are {val.image_size}: set data.resize to give both one size")
+    # the class count is the evaluated task's: a student trained on OOD data still predicts `name`'s classes
+    return DataBundle(train_loader, val_loader, val.num_classes, list(val.classes), (3, h, w), groups)

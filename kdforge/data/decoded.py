@@ -13,11 +13,14 @@ On-disk layout of one split (a directory):
 
 The directory is written under a temporary name beside the target and renamed into place only when every
 file is complete, so a crash (or a full disk) never leaves a half-written cache that would later load.
+Temporary names carry the writer's pid (`.<name>.tmp-<pid>-<hex8>`, `.<name>.old-<pid>-<hex8>`), so the
+leftovers of a killed writer can be told from work in progress and removed (`remove_stale_temps`).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Sequence
@@ -33,6 +36,8 @@ CACHE_FORMAT_VERSION = 1
 _META = "meta.json"
 _IMAGES = "images.u8"
 _LABELS = "labels.npy"
+#: kdforge's own temporary names, and only those: `.<name>.tmp-<pid>-<8 hex>` and `.<name>.old-<pid>-<8 hex>`.
+_TEMP_RE = re.compile(r"^\.(?P<base>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[0-9a-f]{8}$")
 
 
 @dataclass
@@ -117,7 +122,7 @@ class DecodedData:
         """
         target = Path(directory)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp = target.parent / temp_name(target.name)
         tmp.mkdir()
         try:
             with open(tmp / _IMAGES, "wb") as f:
@@ -194,7 +199,7 @@ def _replace_dir(src: Path, dst: Path) -> None:
     """Move the finished `src` to `dst`, replacing any old `dst` with only renames on the way."""
     old = None
     if dst.exists():
-        old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+        old = dst.parent / temp_name(dst.name, "old")
         os.rename(dst, old)
     try:
         os.rename(src, dst)
@@ -204,3 +209,50 @@ def _replace_dir(src: Path, dst: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def temp_name(base: str, kind: str = "tmp") -> str:
+    """A temporary name for `base` that says who writes it: `.<base>.<kind>-<pid>-<8 hex>`."""
+    return f".{base}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    except OSError:
+        return True  # cannot tell (e.g. on Windows): keep it
+    return True
+
+
+def remove_stale_temps(folder: str | Path, *, include_own: bool = False) -> list[Path]:
+    """Remove the temporary files and folders that dead kdforge writers left directly in `folder`.
+
+    Only names of the form `temp_name` makes are touched, and only when the pid in the name is no longer
+    running (or is this process, with `include_own`, for a caller that knows it has nothing in progress
+    there); a replaced copy (`.old-`) only once its replacement is in place. Returns what was removed.
+    """
+    removed = []
+    d = Path(folder)
+    if not d.is_dir():
+        return removed
+    for entry in d.iterdir():
+        m = _TEMP_RE.match(entry.name)
+        if m is None:
+            continue
+        pid = int(m["pid"])
+        if _pid_alive(pid) and not (include_own and pid == os.getpid()):
+            continue
+        if m["kind"] == "old" and not (d / m["base"]).exists():
+            continue  # killed between the two renames of _replace_dir: this is the only copy left
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed

@@ -9,12 +9,20 @@ Reproducibility is by construction, not by replay:
 - the order of epoch e is `torch.randperm(N)` from a generator seeded with (seed, e);
 - the augmentation of batch b of epoch e uses a generator seeded with (seed, e, b).
 So batch b can be rebuilt without producing batches 0..b-1 (`iter_from`), which lets a trainer resume
-mid-epoch exactly, and a teacher-output cache can trust `deterministic` loaders.
+mid-epoch exactly, and a teacher-output cache can trust `deterministic` loaders. A `sampler` (see
+kdforge.data.samplers) replaces the permutation and draws from the same (seed, e) generator, so it keeps this.
+
+The prefetch thread is stopped and joined on every way out: the iterator closed or collected, an exception
+in the consumer (once its frame goes), and interpreter exit (an atexit hook): a daemon thread still inside a
+torch op when Python finalises aborts the process ("terminate called without an active exception").
 """
 from __future__ import annotations
 
+import atexit
+import copy
 import queue
 import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -22,6 +30,7 @@ import numpy as np
 import torch
 
 from kdforge.data.decoded import DecodedData
+from kdforge.data.samplers import Sampler, check_order
 from kdforge.data.transforms import BatchAugment, crop_flip_numpy, normalize_numpy, resize
 
 #: ImageNet statistics, also what the public CIFAR ResNets (shared/data/cifar10-resnets) were trained with.
@@ -46,6 +55,10 @@ class BatchLoader:
     Call `set_epoch(e)` before each epoch (as with DistributedSampler); iterating twice without it repeats
     the same epoch exactly. `rank`/`world_size` give each process a disjoint 1/world_size share of every epoch
     (the permutation is padded by wrapping so all ranks get the same number of batches).
+
+    `sampler` sets each epoch's order instead of the permutation (`indices(data, epoch, generator)`, e.g.
+    GroupClassBalancedSampler); its length is the epoch's length. `num_groups` overrides the group count
+    read from the `group` attribute (build_loaders gives train and val the same one).
     """
 
     def __init__(
@@ -64,6 +77,8 @@ class BatchLoader:
         pin_memory: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        sampler: Sampler | None = None,
+        num_groups: int | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -83,9 +98,29 @@ class BatchLoader:
         self.channels_last = channels_last
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.rank, self.world_size = rank, world_size
+        self.sampler = sampler
+        self._num_groups = num_groups
         self.epoch = 0
+        self._order: tuple[tuple, torch.Tensor] | None = None  # the last epoch's full order: get_batch asks often
         self._labels = torch.from_numpy(np.ascontiguousarray(data.labels, dtype=np.int64))
         self._attrs = {k: torch.from_numpy(np.asarray(v, dtype=np.int64)) for k, v in data.attrs.items()}
+        if drop_last and len(self) == 0:
+            share = f" ({self._per_rank()} per rank of {world_size})" if world_size > 1 else ""
+            what = "an epoch of its sampler has" if sampler is not None else "it has"
+            raise ValueError(
+                f"dataset {data.name!r}: {what} {self._epoch_length()} samples{share}, fewer than "
+                f"batch_size={batch_size} with drop_last=True, so an epoch would have no batches; "
+                "lower batch_size or set drop_last=False"
+            )
+
+    def with_sampler(self, sampler: Sampler | None) -> BatchLoader:
+        """This loader with another epoch order (a method asking for group/class-balanced batches)."""
+        new = copy.copy(self)
+        new.sampler, new._order = sampler, None
+        if new.drop_last and len(new) == 0:
+            raise ValueError(f"dataset {self.data.name!r}: an epoch of {sampler!r} has {new._epoch_length()} "
+                             f"samples, fewer than batch_size={self.batch_size}")
+        return new
 
     # ------------------------------------------------------------ properties
     @property
@@ -108,11 +143,26 @@ class BatchLoader:
     def dataset_size(self) -> int:
         return len(self.data)
 
+    @property
+    def num_groups(self) -> int | None:
+        """Number of groups (max + 1 of the `group` attribute), or None when the data has no groups."""
+        if self._num_groups is not None:
+            return self._num_groups
+        col = self.data.attrs.get("group")
+        return int(col.max()) + 1 if col is not None and len(col) else None
+
+    def _epoch_length(self) -> int:
+        if self.sampler is None:
+            return len(self.data)
+        if hasattr(self.sampler, "num_samples"):
+            return int(self.sampler.num_samples(self.data))
+        return len(self._full_order(self.epoch))
+
     def _per_rank(self) -> int:
-        n = len(self.data)
-        return -(-n // self.world_size)  # ceil: the permutation is padded by wrapping
+        return -(-self._epoch_length() // self.world_size)  # ceil: the order is padded by wrapping
 
     def __len__(self) -> int:
+        """Batches per epoch (of the current epoch, for a sampler whose epochs differ in length)."""
         n = self._per_rank()
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
@@ -121,27 +171,47 @@ class BatchLoader:
         self.epoch = int(epoch)
 
     # ------------------------------------------------------------ indices
-    def epoch_indices(self, epoch: int | None = None) -> torch.Tensor:
-        """The dataset indices this rank visits in `epoch` (default: the current one), in order."""
-        e = self.epoch if epoch is None else epoch
+    def _full_order(self, epoch: int) -> torch.Tensor:
+        """Every rank's indices of `epoch` before sharding: the sampler's order, a permutation, or arange."""
+        key = (epoch, self.seed, self.shuffle, id(self.sampler))  # attributes a caller may still change
+        if self._order is not None and self._order[0] == key:
+            return self._order[1]
         n = len(self.data)
-        if self.shuffle:
-            order = torch.randperm(n, generator=_generator(self.seed, _ORDER, e))
+        if self.sampler is not None:
+            order = check_order(self.sampler.indices(self.data, epoch, _generator(self.seed, _ORDER, epoch)), n,
+                                self.sampler)
+        elif self.shuffle:
+            order = torch.randperm(n, generator=_generator(self.seed, _ORDER, epoch))
         else:
             order = torch.arange(n)
+        self._order = (key, order)
+        return order
+
+    def _rank_order(self, epoch: int | None) -> torch.Tensor:
+        order = self._full_order(self.epoch if epoch is None else epoch)
         if self.world_size > 1:
-            total = self._per_rank() * self.world_size
+            n = len(order)
+            total = -(-n // self.world_size) * self.world_size
             if total > n:
                 order = torch.cat([order, order[: total - n]])
             order = order[self.rank::self.world_size]
         return order
 
+    def epoch_indices(self, epoch: int | None = None) -> torch.Tensor:
+        """The dataset indices this rank visits in `epoch` (default: the current one), in order."""
+        return self._rank_order(epoch).clone()  # a copy: the loader keeps the order for later batches
+
+    def _num_batches(self, order: torch.Tensor) -> int:
+        n = len(order)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
     def batch_indices(self, batch_idx: int, epoch: int | None = None) -> torch.Tensor:
         """Dataset indices of batch `batch_idx` of `epoch`."""
-        if not 0 <= batch_idx < len(self):
-            raise IndexError(f"batch {batch_idx} out of range: this loader has {len(self)} batches per epoch")
-        order = self.epoch_indices(epoch)
-        return order[batch_idx * self.batch_size:(batch_idx + 1) * self.batch_size]
+        order = self._rank_order(epoch)
+        if not 0 <= batch_idx < self._num_batches(order):
+            raise IndexError(f"batch {batch_idx} out of range: this loader has {self._num_batches(order)} batches "
+                             "per epoch")
+        return order[batch_idx * self.batch_size:(batch_idx + 1) * self.batch_size].clone()
 
     # ------------------------------------------------------------ batches
     def make_batch(
@@ -177,17 +247,19 @@ class BatchLoader:
         return self.iter_from(0)
 
     def iter_from(self, batch_idx: int) -> Iterator[dict[str, torch.Tensor]]:
-        """Iterate the current epoch from batch `batch_idx` on; earlier batches are never built."""
-        if not 0 <= batch_idx <= len(self):
-            raise IndexError(f"cannot start at batch {batch_idx}: this loader has {len(self)} batches")
+        """Iterate the current epoch from batch `batch_idx` on; earlier batches are never built.
+
+        The result is a generator: `close()` it (or drop it) to stop the prefetch thread at once.
+        """
         epoch = self.epoch
-        order = self.epoch_indices(epoch)
-        jobs = [
-            (b, order[b * self.batch_size:(b + 1) * self.batch_size]) for b in range(batch_idx, len(self))
-        ]
+        order = self._rank_order(epoch)
+        n_batches = self._num_batches(order)
+        if not 0 <= batch_idx <= n_batches:
+            raise IndexError(f"cannot start at batch {batch_idx}: this loader has {n_batches} batches")
+        jobs = [(b, order[b * self.batch_size:(b + 1) * self.batch_size]) for b in range(batch_idx, n_batches)]
         if self.prefetch == 0:
             return (self.make_batch(idx, b, epoch) for b, idx in jobs)
-        return _Prefetcher(lambda job: self.make_batch(job[1], job[0], epoch), jobs, self.prefetch)
+        return _prefetched(lambda job: self.make_batch(job[1], job[0], epoch), jobs, self.prefetch)
 
     def __repr__(self) -> str:
         return (
@@ -196,11 +268,23 @@ class BatchLoader:
         )
 
 
+def _prefetched(fn: Any, jobs: list, depth: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield `fn(job)` for each job, computed `depth` ahead in a thread that is joined in `finally`.
+
+    The thread starts with the first `next()`, so an iterator that is never used starts none.
+    """
+    prefetcher = _Prefetcher(fn, jobs, depth)
+    try:
+        yield from prefetcher
+    finally:  # close(), garbage collection and errors raised from `fn` all pass here
+        prefetcher.close()
+
+
 class _Prefetcher:
     """Runs `fn` over `jobs` in a daemon thread, `depth` results ahead; re-raises its errors in order.
 
-    The thread holds only the queue and the stop flag (not this object), so dropping the iterator (break,
-    exception) lets it be collected, and `__del__` stops the thread.
+    The thread holds only the queue and the stop flag (not this object), so dropping the iterator lets it be
+    collected. `close()` stops and joins the thread; `__del__` and the atexit hook call it.
     """
 
     def __init__(self, fn: Any, jobs: list, depth: int) -> None:
@@ -209,6 +293,7 @@ class _Prefetcher:
         self._thread = threading.Thread(
             target=_produce, args=(self._q, self._stop, fn, jobs), daemon=True, name="kdforge-prefetch"
         )
+        _LIVE.add(self)
         self._thread.start()
 
     def __iter__(self) -> _Prefetcher:
@@ -226,19 +311,35 @@ class _Prefetcher:
             raise StopIteration
         return item
 
-    def close(self) -> None:
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the thread and wait for it (it finishes the batch in hand first)."""
         self._stop.set()
         try:  # unblock a producer waiting on a full queue
             while True:
                 self._q.get_nowait()
         except queue.Empty:
             pass
+        if self._thread is not threading.current_thread() and self._thread.is_alive():
+            self._thread.join(timeout)
+        _LIVE.discard(self)
 
     def __del__(self) -> None:
-        self._stop.set()
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - late in interpreter shutdown, modules may already be gone
+            pass
 
 
 _DONE = object()
+_LIVE: weakref.WeakSet[_Prefetcher] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all_prefetchers() -> None:
+    """At interpreter exit, before daemon threads are frozen mid-op: stop and join every live prefetcher
+    (an exception that ends the program keeps its frames, and so their iterators, alive until then)."""
+    for prefetcher in list(_LIVE):
+        prefetcher.close()
 
 
 def _produce(q: queue.Queue, stop: threading.Event, fn: Any, jobs: list) -> None:

@@ -4,6 +4,8 @@ Student and teacher penultimate features are embedded (linear + L2 norm) into a 
 side is contrasted against a momentum memory bank of the other side's embeddings: the positive is the
 same sample's entry, K negatives are drawn uniformly from the dataset, and the NCE objective with noise
 1/N is applied in both directions. The memory banks are buffers, so they are checkpointed and resumed.
+Loss: ce_weight * CE + kd_weight * KD + crd_weight * (NCE_student_anchor + NCE_teacher_anchor); 0.8 is the
+paper's weight.
 """
 from __future__ import annotations
 
@@ -21,14 +23,16 @@ from kdforge.registry import DISTILLERS
 
 @DISTILLERS.register("crd")
 class CRD(FeatureDistiller):
-    loss_name = "crd"
+    loss_names = ("crd",)
 
     def __init__(self, student: nn.Module, teacher: nn.Module, *, n_data: int, student_layer: str = "auto:in",
                  teacher_layer: str = "auto:in", feat_dim: int = 128, num_negatives: int = 4096,
-                 nce_temperature: float = 0.07, momentum: float = 0.5, beta: float = 0.8, alpha: float = 0.0,
-                 temperature: float = 4.0, input_shape: tuple[int, ...] = (3, 32, 32)) -> None:
+                 nce_temperature: float = 0.07, momentum: float = 0.5, crd_weight: float = 0.8,
+                 ce_weight: float = 1.0, kd_weight: float = 0.0, temperature: float = 4.0,
+                 input_shape: tuple[int, ...] = (3, 32, 32)) -> None:
         super().__init__(student, teacher, student_layers=[student_layer], teacher_layers=[teacher_layer],
-                         beta=beta, alpha=alpha, temperature=temperature)
+                         weights={"crd": crd_weight}, ce_weight=ce_weight, kd_weight=kd_weight,
+                         temperature=temperature)
         if n_data < 2:
             raise ValueError(f"crd: n_data (the training-set size) must be at least 2, got {n_data}")
         (s,), (t,) = self.feature_shapes(tuple(input_shape))
@@ -45,7 +49,7 @@ class CRD(FeatureDistiller):
         self.register_buffer("z_s", torch.tensor(-1.0))
         self.register_buffer("z_t", torch.tensor(-1.0))
 
-    def feature_loss(self, s_feats, t_feats, batch: Batch):
+    def feature_losses(self, s_feats, t_feats, batch: Batch):
         if "index" not in batch:
             raise KeyError("crd needs batch['index'] (dataset indices) for its memory bank; kdforge loaders "
                            "provide it, a plain DataLoader must yield (image, label, index)")
@@ -65,4 +69,4 @@ class CRD(FeatureDistiller):
             m = self.momentum
             self.memory_s[idx] = F.normalize(m * self.memory_s[idx] + (1 - m) * es.detach().float(), dim=1)
             self.memory_t[idx] = F.normalize(m * self.memory_t[idx] + (1 - m) * et.detach().float(), dim=1)
-        return loss
+        return {"crd": loss}

@@ -4,22 +4,29 @@ from __future__ import annotations
 from torch import nn
 
 from kdforge.distillers.feature_base import FeatureDistiller
-from kdforge.losses import rkd_loss
+from kdforge.losses import rkd_angle, rkd_distance
 from kdforge.registry import DISTILLERS
 
 
 @DISTILLERS.register("rkd")
 class RKD(FeatureDistiller):
-    """CE + beta * (w_dist * L_distance + w_angle * L_angle) on penultimate embeddings."""
-    loss_name = "rkd"
+    """ce_weight * CE + kd_weight * KD + rkd_dist_weight * L_distance + rkd_angle_weight * L_angle on penultimate
+    embeddings; 25 and 50 are the paper's weights (RKD-DA)."""
 
+    loss_names = ("rkd_dist", "rkd_angle")
 
     def __init__(self, student: nn.Module, teacher: nn.Module, *, student_layer: str = "auto:in",
-                 teacher_layer: str = "auto:in", beta: float = 1.0, w_dist: float = 25.0, w_angle: float = 50.0,
-                 alpha: float = 0.0, temperature: float = 4.0) -> None:
+                 teacher_layer: str = "auto:in", rkd_dist_weight: float = 25.0, rkd_angle_weight: float = 50.0,
+                 ce_weight: float = 1.0, kd_weight: float = 0.0, temperature: float = 4.0) -> None:
         super().__init__(student, teacher, student_layers=[student_layer], teacher_layers=[teacher_layer],
-                         beta=beta, alpha=alpha, temperature=temperature)
-        self.w_dist, self.w_angle = w_dist, w_angle
+                         weights={"rkd_dist": rkd_dist_weight, "rkd_angle": rkd_angle_weight},
+                         ce_weight=ce_weight, kd_weight=kd_weight, temperature=temperature)
 
-    def feature_loss(self, s_feats, t_feats, batch):
-        return rkd_loss(s_feats[0].flatten(1), t_feats[0].flatten(1), self.w_dist, self.w_angle)
+    def feature_losses(self, s_feats, t_feats, batch):
+        s, t = s_feats[0].flatten(1), t_feats[0].flatten(1)
+        out = {}
+        if self.weights["rkd_dist"]:
+            out["rkd_dist"] = rkd_distance(s, t)
+        if self.weights["rkd_angle"]:  # O(B^3): skipped when its weight is 0
+            out["rkd_angle"] = rkd_angle(s, t)
+        return out

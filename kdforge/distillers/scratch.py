@@ -5,19 +5,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdforge.distillers.base import Batch, Distiller
+from kdforge.distillers.feature_base import check_weights
 from kdforge.registry import DISTILLERS
 
 
 @DISTILLERS.register("scratch")
 class Scratch(Distiller):
-    """CE(student(x), y), with optional label smoothing; the teacher, if given, is ignored."""
+    """ce_weight * CE(student(x), y), with optional label smoothing; the teacher, if given, is ignored."""
 
     needs_teacher = False
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None = None, *, label_smoothing: float = 0.0):
+    def __init__(self, student: nn.Module, teacher: nn.Module | None = None, *, ce_weight: float = 1.0,
+                 label_smoothing: float = 0.0):
         super().__init__(student, None)
-        self.label_smoothing = label_smoothing
+        check_weights("scratch", ce_weight=ce_weight)
+        self.ce_weight, self.label_smoothing = ce_weight, label_smoothing
 
     def training_step(self, batch: Batch):
         logits = self.student(batch["image"])
-        return {"ce": F.cross_entropy(logits, batch["label"], label_smoothing=self.label_smoothing)}
+        return {"ce": self.ce_weight * F.cross_entropy(logits, batch["label"], label_smoothing=self.label_smoothing)}

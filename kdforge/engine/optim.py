@@ -57,13 +57,15 @@ def lr_factor(step: int, total_steps: int, steps_per_epoch: int, cfg: Any) -> fl
     raise ValueError(f"unknown schedule {cfg.schedule!r}{did_you_mean(name, SCHEDULES)}")
 
 
-def build_scheduler(opt: torch.optim.Optimizer, cfg: Any, total_steps: int, steps_per_epoch: int):
-    """A per-step LambdaLR, or ReduceLROnPlateau (stepped by the Trainer after each evaluation)."""
+def build_scheduler(opt: torch.optim.Optimizer, cfg: Any, total_steps: int, steps_per_epoch: int, *,
+                    mode: str = "min"):
+    """A per-step LambdaLR, or ReduceLROnPlateau (stepped by the Trainer after each evaluation on the
+    monitored metric; `mode` "max" when higher is better)."""
     if cfg.schedule.lower() == "plateau":
         if cfg.warmup_epochs:
             raise ValueError("train.warmup_epochs cannot be combined with schedule 'plateau'")
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=cfg.gamma, patience=cfg.plateau_patience,
-                                                          min_lr=cfg.min_lr)
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=mode, factor=cfg.gamma,
+                                                          patience=cfg.plateau_patience, min_lr=cfg.min_lr)
     lr_factor(0, total_steps, steps_per_epoch, cfg)  # validate the name now, not mid-run
     return torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: lr_factor(step, total_steps, steps_per_epoch, cfg))

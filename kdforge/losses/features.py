@@ -1,4 +1,5 @@
-"""Losses on intermediate feature maps: FitNet hints, attention transfer, neuron selectivity transfer."""
+"""Losses on intermediate feature maps: FitNet hints, attention transfer, neuron selectivity transfer, and
+`match_spatial`, the one rule for maps of different spatial sizes."""
 from __future__ import annotations
 
 import torch.nn.functional as F
@@ -24,12 +25,25 @@ def _check_maps(name: str, student_feat: Tensor, teacher_feat: Tensor) -> None:
         )
 
 
-def _match_spatial(student_feat: Tensor, teacher_feat: Tensor) -> tuple[Tensor, Tensor]:
-    """Adaptive-average-pool whichever map is larger (per axis) down to the smaller spatial size.
+def match_spatial(student_feat: Tensor, teacher_feat: Tensor) -> tuple[Tensor, Tensor]:
+    """kdforge's one rule for comparing feature maps of different spatial sizes: on each axis, the larger map
+    is adaptive-average-pooled down to the smaller size; a map already at that size is returned unchanged.
 
-    Pooling the larger map rather than upsampling the smaller one adds no invented detail, and matches
-    the usual practice for AT/NST between stages of different resolution.
+    Used by every loss and method that compares maps (AT, NST, FitNet's hint, VID). Pooling the larger map
+    rather than upsampling the smaller adds no invented detail, and is the usual practice between stages of
+    different resolution. Both are (B, C, H, W), channel counts may differ; tensors without spatial axes
+    ((B, D) pooled features) are returned as they are.
+
+    >>> import torch
+    >>> s, t = match_spatial(torch.ones(2, 3, 8, 8), torch.ones(2, 5, 4, 4))
+    >>> tuple(s.shape), tuple(t.shape)
+    ((2, 3, 4, 4), (2, 5, 4, 4))
     """
+    if student_feat.shape[2:] == teacher_feat.shape[2:]:
+        return student_feat, teacher_feat
+    if student_feat.dim() != 4 or teacher_feat.dim() != 4:
+        raise ValueError(f"match_spatial: cannot match the spatial sizes of student {_shape(student_feat)} and "
+                         f"teacher {_shape(teacher_feat)}; both must be (B, C, H, W) maps")
     (hs, ws), (ht, wt) = student_feat.shape[2:], teacher_feat.shape[2:]
     size = (min(hs, ht), min(ws, wt))
     if tuple(student_feat.shape[2:]) != size:
@@ -83,12 +97,12 @@ def at_loss(student_feat: Tensor, teacher_feat: Tensor, p: float = 2.0) -> Tenso
         L_AT = mean_{b, j} (Q_s[b, j] - Q_t[b, j])^2,   Q = attention_map(feature, p)
 
     The paper uses the L2 norm of the difference; the authors' released code (and most reproductions)
-    use the mean squared difference, which we follow so published beta values (e.g. 1000) carry over.
-    Channel counts may differ (the map averages over channels); if spatial sizes differ the larger
-    feature map is adaptive-average-pooled to the smaller one first.
+    use the mean squared difference, which we follow so published weights (e.g. 1000) carry over.
+    Channel counts may differ (the map averages over channels); spatial sizes are matched by
+    `match_spatial` (the larger map pooled down to the smaller).
     """
     _check_maps("at_loss", student_feat, teacher_feat)
-    student_feat, teacher_feat = _match_spatial(student_feat, teacher_feat)
+    student_feat, teacher_feat = match_spatial(student_feat, teacher_feat)
     q_s = attention_map(student_feat, p)
     q_t = attention_map(teacher_feat, p)
     return (q_s - q_t).pow(2).mean()
@@ -104,11 +118,11 @@ def nst_loss(student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
 
         MMD^2 = mean_{i,i'} k(s_i, s_i') + mean_{j,j'} k(t_j, t_j') - 2 mean_{i,j} k(s_i, t_j)
 
-    averaged over the batch. Channel counts may differ; the larger spatial map is adaptive-average-
-    pooled to the smaller one so the vectors live in the same space.
+    averaged over the batch. Channel counts may differ; spatial sizes are matched by `match_spatial`
+    (the larger map pooled down to the smaller) so the vectors live in the same space.
     """
     _check_maps("nst_loss", student_feat, teacher_feat)
-    student_feat, teacher_feat = _match_spatial(student_feat, teacher_feat)
+    student_feat, teacher_feat = match_spatial(student_feat, teacher_feat)
     s = F.normalize(student_feat.flatten(2), p=2.0, dim=2)  # (B, C_s, HW)
     t = F.normalize(teacher_feat.flatten(2), p=2.0, dim=2)  # (B, C_t, HW)
     k_ss = s.bmm(s.transpose(1, 2)).pow(2).mean(dim=(1, 2))

@@ -1,4 +1,12 @@
-"""Streaming metrics (accuracy, confusion matrix, per-group accuracy); fairness and image metrics later."""
+"""Streaming metrics (accuracy, confusion matrix, per-group accuracy) and the evaluators runs are scored by."""
 from kdforge.metrics.classification import Accuracy, ConfusionMatrix, GroupAccuracy, evaluate_classifier
+from kdforge.metrics.evaluators import (
+    ClassificationEvaluator,
+    Evaluator,
+    GroupEvaluator,
+    ImageEvaluator,
+    build_evaluator,
+)
 
-__all__ = ["Accuracy", "ConfusionMatrix", "GroupAccuracy", "evaluate_classifier"]
+__all__ = ["Accuracy", "ClassificationEvaluator", "ConfusionMatrix", "Evaluator", "GroupAccuracy", "GroupEvaluator",
+           "ImageEvaluator", "build_evaluator", "evaluate_classifier"]

@@ -99,7 +99,9 @@ def evaluate_classifier(predict, loader: Iterable[dict[str, Any]], device: torch
             if groups is None:
                 groups = GroupAccuracy(num_groups, logits.shape[1])
             groups.update(logits, labels, batch[group_key])
-    out: dict[str, Any] = {**acc.compute(), "loss": loss_sum / max(1, n)}
+    if n == 0:  # zeros would read as a real (terrible) score
+        raise ValueError("evaluation loader yielded no samples (an empty split or subset?)")
+    out: dict[str, Any] = {**acc.compute(), "loss": loss_sum / n}
     if groups is not None:
         out.update(groups.compute())
     return out

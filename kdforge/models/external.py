@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from kdforge.registry import MODELS, RegistryError, did_you_mean
+from kdforge.registry import MODELS, RegistryError, did_you_mean, import_factory  # noqa: F401
 
 
 def resolve_torchvision(name: str) -> Callable[..., nn.Module]:
@@ -65,38 +65,6 @@ def resolve_timm(name: str) -> Callable[..., nn.Module]:
     factory.__name__ = f"timm_{name}"
     factory.__doc__ = f"timm.create_model({name!r}, pretrained=False, **kw)"
     return factory
-
-
-def import_factory(spec: str, kind: str = "model") -> Callable[..., Any]:
-    """The callable named by ``spec`` = ``"pkg.mod:attr"`` or ``"pkg.mod:attr.sub"``, imported on demand.
-
-    Lets a recipe use a model (or dataset, loss, ...) defined in the user's own code without registering it.
-    Errors name the spec: a module that cannot be imported re-raises ``ModuleNotFoundError``; a missing
-    attribute raises ``RegistryError`` with the closest public names of the module (or object) searched.
-    """
-    module_name, sep, attr_path = spec.partition(":")
-    if not sep or not module_name or not attr_path:
-        raise ValueError(f"{kind} spec {spec!r} must look like 'package.module:function'")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        raise ModuleNotFoundError(
-            f"cannot import module {module_name!r} for {kind} {spec!r}: {e}"
-            " (is it installed, or its folder on sys.path / PYTHONPATH?)",
-            name=e.name,
-        ) from e
-    where = module_name  # what has been resolved so far, for the error message
-    for i, part in enumerate(attr_path.split(".")):
-        if not hasattr(obj, part):
-            public = [n for n in dir(obj) if not n.startswith("_")]
-            raise RegistryError(
-                f"{kind} {spec!r}: {where!r} has no attribute {part!r}{did_you_mean(part, public)}"
-            )
-        obj = getattr(obj, part)
-        where += (":" if i == 0 else ".") + part
-    if not callable(obj):
-        raise TypeError(f"{kind} {spec!r} is a {type(obj).__name__}, not a callable factory")
-    return obj
 
 
 def build_model(name: str, **kwargs: Any) -> nn.Module:

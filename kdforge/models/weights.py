@@ -4,7 +4,8 @@ Accepted: a plain state dict; a kdforge checkpoint (``{"model": state_dict, ...}
 state dict under ``"state_dict"`` or ``"student"`` (e.g. the pretrained CIFAR ResNets,
 ``{"state_dict": ..., "best_prec1": ...}``); any of these with keys prefixed ``module.`` (DataParallel /
 DDP) or ``_orig_mod.`` (``torch.compile``), which are stripped. Files are always read with
-``torch.load(map_location="cpu", weights_only=True)``: a checkpoint can never run code on load.
+``torch.load(map_location="cpu", weights_only=True)``: a checkpoint can never run code on load. A file
+that is empty, truncated, corrupt or needs more than tensors to unpickle fails with one error naming it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from kdforge.engine.checkpoint import read_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +97,8 @@ def load_weights(
 
     Raises:
         FileNotFoundError: the path does not exist (the message names it).
+        CheckpointReadError (a ValueError and a RuntimeError): the file is empty, truncated, corrupt, or
+            holds pickled objects other than tensors (never executed), named with the path.
         ValueError: no state dict in the checkpoint, or ``key`` is absent.
         RuntimeError: missing / unexpected keys (strict) or shape mismatches, listed by name (up to 10 each).
     """
@@ -102,7 +107,7 @@ def load_weights(
         if not path.is_file():
             raise FileNotFoundError(f"weights file not found: '{path}'")
         source = f"'{path}'"
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        loaded = read_torch_file(path, "weights file")
     else:
         source, loaded = "(in-memory state dict)", path_or_state
     sd = _strip_wrappers(_find_state_dict(loaded, key, source))

@@ -3,16 +3,27 @@
 Archives are read member by member with `tarfile` in streaming mode (no extraction to disk, one pass over a
 .tar.gz), and image bytes are decoded by `torchvision.io.decode_image` in a thread pool while the tar is
 still being read: decoding releases the GIL, so gunzip and decoding overlap.
+
+A truncated archive is an error (`CorruptArchiveError`, naming the file), never a smaller dataset: tarfile
+alone ends quietly when the data stops on a member boundary or at a damaged header, so the stream is
+decompressed here (gzip checks its CRC and length at the end) and the tar must end with its two zero blocks.
 """
 from __future__ import annotations
 
+import bz2
+import collections
+import gzip
+import io
+import lzma
 import os
 import re
 import tarfile
 import warnings
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -62,16 +73,107 @@ def iter_files(source: Path, want: Callable[[str], bool]) -> Iterator[tuple[str,
                 if want(rel):
                     yield rel, full.read_bytes()
         return
-    with tarfile.open(source, mode="r|*") as tf:
-        for member in tf:
-            if not member.isfile():
-                continue
-            rel = member.name[2:] if member.name.startswith("./") else member.name
-            if rel.rsplit("/", 1)[-1].startswith(".") or not want(rel):
-                continue
-            f = tf.extractfile(member)
-            if f is not None:
-                yield rel, f.read()
+    for rel, _member, data in iter_tar(source, lambda r: not r.rsplit("/", 1)[-1].startswith(".") and want(r)):
+        if data is not None:
+            yield rel, data
+
+
+class CorruptArchiveError(ValueError):
+    """A dataset archive is truncated or damaged; the one-line message names the file."""
+
+
+_BLOCK = 512
+_KEEP = 1 << 20  # bytes of recent stream kept to check the end-of-archive blocks (tarfile reads 10 KiB ahead)
+# What a damaged stream raises: tarfile's own errors, a compressed stream that stops early (EOFError), bad
+# deflate/xz data, and gzip's CRC/length check (BadGzipFile is an OSError, as is bz2's "Invalid data stream").
+_STREAM_ERRORS = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError)
+
+
+def _decompressed(raw: Any) -> Any:
+    """A reader of the tar bytes inside `raw`, by magic number (not by file name)."""
+    head = raw.peek(6)[:6] if hasattr(raw, "peek") else b""
+    if head.startswith(b"\x1f\x8b"):
+        inner = gzip.GzipFile(fileobj=raw, mode="rb")
+    elif head.startswith(b"BZh"):
+        inner = bz2.BZ2File(raw, mode="rb")
+    elif head.startswith(b"\xfd7zXZ\x00"):
+        inner = lzma.LZMAFile(raw, mode="rb")
+    else:
+        return raw
+    return io.BufferedReader(inner, 1 << 20)  # fewer, larger decompression calls (measured ~10% faster)
+
+
+class _Recorder:
+    """File-like reader handed to tarfile: counts the bytes it passes on and keeps the last ones."""
+
+    def __init__(self, f: Any) -> None:
+        self._f = f
+        self.pos = 0
+        self._recent: collections.deque[tuple[int, bytes]] = collections.deque()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        if data:
+            self._recent.append((self.pos, data))
+            self.pos += len(data)
+            while len(self._recent) > 1 and self._recent[1][0] <= self.pos - _KEEP:
+                self._recent.popleft()
+        return data
+
+    def since(self, offset: int) -> bytes | None:
+        """The bytes from stream position `offset` to the current one; None when no longer kept."""
+        if offset >= self.pos:
+            return b""
+        if not self._recent or self._recent[0][0] > offset:
+            return None
+        return b"".join(chunk for _, chunk in self._recent)[offset - self._recent[0][0]:]
+
+
+def _check_end(reader: _Recorder, end: int, path: Path) -> None:
+    """The archive must go on past its last member with two zero blocks; then read the compressed stream
+    to its end, which is where gzip (and bz2, xz) notice a missing tail or a wrong CRC."""
+    tail = reader.since(end)
+    while tail is not None and len(tail) < 2 * _BLOCK:
+        more = reader.read(2 * _BLOCK - len(tail))
+        if not more:
+            break
+        tail += more
+    if tail is not None and tail[:2 * _BLOCK] != bytes(2 * _BLOCK):
+        what = "ends early" if len(tail) < 2 * _BLOCK else f"has a damaged header at byte {end}"
+        raise CorruptArchiveError(
+            f"dataset archive {path} is truncated or corrupt: its tar data {what} (no end-of-archive blocks "
+            "after the last complete member); download or copy it again"
+        )
+    while reader.read(1 << 20):
+        pass
+
+
+def iter_tar(
+    path: Path, want: Callable[[str], bool] | None = None
+) -> Iterator[tuple[str, tarfile.TarInfo, bytes | None]]:
+    """Stream a tar(.gz/.bz2/.xz): yield `(relative path, member, bytes or None)` for every member.
+
+    Bytes are read for regular files whose path passes `want` (all when None). When the consumer reads to the
+    end, the archive is checked to be complete; any damage raises CorruptArchiveError naming `path`.
+    """
+    with open(path, "rb") as raw:
+        try:
+            reader = _Recorder(_decompressed(raw))
+            with tarfile.open(fileobj=reader, mode="r|") as tf:
+                for member in tf:
+                    rel = member.name[2:] if member.name.startswith("./") else member.name
+                    data = None
+                    if member.isfile() and (want is None or want(rel)):
+                        f = tf.extractfile(member)
+                        data = f.read() if f is not None else None
+                    yield rel, member, data
+                end = tf.offset  # where the header after the last member was looked for
+            _check_end(reader, end, path)
+        except CorruptArchiveError:
+            raise
+        except _STREAM_ERRORS as e:
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CorruptArchiveError(f"dataset archive {path} is truncated or corrupt: {detail}") from e
 
 
 def is_image(path: str) -> bool:

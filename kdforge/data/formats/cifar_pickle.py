@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import io
 import pickle
-import tarfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from kdforge.data.decoded import DecodedData
-from kdforge.data.formats._archive import check_source, iter_files
+from kdforge.data.formats._archive import check_source, iter_files, iter_tar
 
 CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR10_FILES = (*CIFAR10_TRAIN, "test_batch", "batches.meta")
@@ -84,11 +83,14 @@ def detect_cifar_pickle(source: str | Path) -> str | None:
             if p.is_file() and p.name in CIFAR10_FILES + CIFAR100_FILES:
                 found.add(p.name)
     else:
-        with tarfile.open(path, mode="r|*") as tf:
-            for k, member in enumerate(tf):
+        members = iter_tar(path, want=lambda rel: False)  # names only; a damaged archive is named
+        try:
+            for k, (_rel, member, _data) in enumerate(members):
                 if k >= 32:  # the official archives list their files first; an image tree does not
                     break
                 found.add(Path(member.name).name if member.isfile() else "")
+        finally:
+            members.close()
     if found & set(CIFAR10_FILES):
         return "cifar10"
     if found & set(CIFAR100_FILES):
