@@ -29,7 +29,7 @@ from kdforge.distillers.base import Distiller, last_linear
 from kdforge.engine.checkpoint import seed_everything
 from kdforge.engine.trainer import Trainer, resolve_device, to_batch
 from kdforge.metrics.evaluators import build_evaluator
-from kdforge.registry import DISTILLERS, did_you_mean
+from kdforge.registry import DISTILLERS, RegistryError, did_you_mean
 
 _TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
@@ -207,7 +207,7 @@ def load_student(checkpoint: str | Path, model: nn.Module | None = None, *, netw
     saved = ckpt.get("networks") or {}
     if network != "student":
         if network not in saved:
-            raise KeyError(f"{checkpoint} holds no network {network!r}{did_you_mean(network, list(saved))}"
+            raise RegistryError(f"{checkpoint} holds no network {network!r}{did_you_mean(network, list(saved))}"
                            f" (saved: {', '.join(sorted(saved)) or 'none'})")
         if model is None:  # only the method knows how to build its other networks: rebuild it from the config
             from kdforge.recipe import networks_from_checkpoint

@@ -177,18 +177,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from kdforge.registry import RegistryError
+
     args = build_parser().parse_args(argv)
     if "" not in sys.path and os.getcwd() not in sys.path:  # recipes may name factories in local modules
         sys.path.insert(0, os.getcwd())
     try:
         return args.fn(args)
-    except (FileNotFoundError, FileExistsError, KeyError, ValueError, RuntimeError, ImportError,
-            FloatingPointError) as e:
-        # user errors (bad recipe, missing file, unknown name, NaN loss) as one clear line, not a traceback;
-        # KDFORGE_DEBUG=1 shows the traceback
+    except (OSError, ValueError, RegistryError, ImportError, FloatingPointError) as e:
+        # user errors (bad recipe or input, missing or corrupt file, unknown name, full disk, NaN loss) as one
+        # clear line; anything else is a bug (kdforge's or in code a recipe names) and keeps its traceback.
+        # KDFORGE_DEBUG=1 shows the traceback of user errors too
         if os.environ.get("KDFORGE_DEBUG"):
             raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        msg = e
         print(f"kdforge {args.command}: error: {msg}", file=sys.stderr)
         return 2
 

@@ -236,3 +236,35 @@ def test_cli_run_stopped_then_resumed_matches_an_unbroken_run(tmp_path):
     a = torch.load(tmp_path / "runs/broken/checkpoints/last.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "runs/unbroken/checkpoints/last.pt", weights_only=True)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------------------------------ API misuse, named
+def test_api_names_model_mistakes_before_training(synth):
+    from kdforge.data import BatchLoader
+
+    loader = BatchLoader(synth["train"], 16, drop_last=True)
+    with pytest.raises(TypeError, match="float64.*student.float\\(\\)"):
+        kdforge.distill(MODELS.build("resnet20").double(), None, loader, method="scratch", epochs=1, progress=False)
+    with pytest.raises(ValueError, match="4 outputs but the data has 10 classes.*num_classes=10"):
+        kdforge.distill(MODELS.build("resnet20", num_classes=4), None, loader, method="scratch", epochs=1,
+                        progress=False)
+    with pytest.raises(ValueError, match="no samples"):
+        kdforge.evaluate(MODELS.build("resnet20"), [])
+
+
+def test_cli_keeps_tracebacks_for_bugs_and_one_line_for_user_errors(monkeypatch, capsys):
+    import kdforge.cli as cli
+
+    def buggy(_args):
+        raise AttributeError("'NoneType' object has no attribute 'x'")  # a bug, not a user error
+
+    monkeypatch.setattr(cli, "cmd_list", buggy)
+    with pytest.raises(AttributeError):
+        cli.main(["list"])
+
+    def user_error(_args):
+        raise FileNotFoundError("recipe not found: nope.yaml")
+
+    monkeypatch.setattr(cli, "cmd_list", user_error)
+    assert cli.main(["list"]) == 2
+    assert capsys.readouterr().err.strip() == "kdforge list: error: recipe not found: nope.yaml"

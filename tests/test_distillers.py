@@ -285,7 +285,7 @@ def test_crd_without_batch_indices_names_index(synth):
     d = synth["train"]
     x = torch.from_numpy(d.images).permute(0, 3, 1, 2).float() / 255.0
     loader = DataLoader(TensorDataset(x, torch.from_numpy(d.labels)), batch_size=BATCH)  # (image, label) only
-    with pytest.raises(KeyError, match="index"):
+    with pytest.raises(ValueError, match="index"):
         kdforge.distill(tiny_net(1), tiny_net(2), loader, method="crd", max_steps=1, **FAST)
 
 

@@ -294,15 +294,15 @@ def test_load_weights_key_and_errors(tmp_path: Path) -> None:
 
     torch.save(build_model("resnet20", num_classes=100).state_dict(), tmp_path / "c100.pt")
     shape_msg = r"c100\.pt.*linear\.weight: checkpoint \(100, 64\) vs model \(10, 64\)"
-    with pytest.raises(RuntimeError, match=shape_msg):
+    with pytest.raises(ValueError, match=shape_msg):
         load_weights(build_model("resnet20"), tmp_path / "c100.pt")
 
     partial = {k: v for k, v in src.state_dict().items() if not k.startswith("linear.")}
-    with pytest.raises(RuntimeError, match=r"2 missing key\(s\): linear\.weight, linear\.bias"):
+    with pytest.raises(ValueError, match=r"2 missing key\(s\): linear\.weight, linear\.bias"):
         load_weights(build_model("resnet20"), partial)
     dst = load_weights(build_model("resnet20"), {**partial, "extra.w": torch.zeros(1)}, strict=False)
     assert torch.equal(dst.conv1.weight, src.conv1.weight)
-    with pytest.raises(RuntimeError, match=r"1 unexpected key\(s\): extra\.w"):
+    with pytest.raises(ValueError, match=r"1 unexpected key\(s\): extra\.w"):
         load_weights(build_model("resnet20"), {**src.state_dict(), "extra.w": torch.zeros(1)})
 
 

@@ -137,7 +137,7 @@ def test_resume_across_fitnet_stage_boundary(tmp_path, synth, stop_at):
 
 def test_resume_rejects_a_foreign_checkpoint(tmp_path, synth):
     atomic_save({"state_dict": {}}, tmp_path / "checkpoints" / "last.pt")
-    with pytest.raises(RuntimeError, match="not a kdforge training checkpoint"):
+    with pytest.raises(ValueError, match="not a kdforge training checkpoint"):
         _run(_fresh_aug_loader(synth), tmp_path, resume=True)
 
 
@@ -305,7 +305,7 @@ def test_plateau_follows_the_monitored_metric_and_its_mode(synth):
     fit = Trainer(cfg, evaluator=evaluator, monitor="psnr").fit(distiller, _fresh_aug_loader(synth), val_loader=[None])
     assert distiller.optimizers["main"].param_groups[0]["lr"] == pytest.approx(0.0125)
     assert fit.best == {"metric": "psnr", "mode": "max", "value": 20.0, "epoch": 1}
-    with pytest.raises(KeyError, match="monitor metric 'top1'.*psnr"):
+    with pytest.raises(ValueError, match="monitor metric 'top1'.*psnr"):
         Trainer(cfg, evaluator=evaluator, monitor="top1").fit(HintonKD(tiny_net(1, width=4), tiny_net(2)),
                                                                _fresh_aug_loader(synth), val_loader=[None])
 

@@ -274,7 +274,7 @@ class Distiller(nn.Module):
         missing, unexpected = self.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("teacher.")]
         if missing or unexpected:
-            raise RuntimeError(f"checkpoint does not match {type(self).__name__}: missing {missing[:10]}, "
+            raise ValueError(f"checkpoint does not match {type(self).__name__}: missing {missing[:10]}, "
                                f"unexpected {unexpected[:10]}")
 
     # ------------------------------------------------------------------ helpers for methods

@@ -27,7 +27,7 @@ class CRD(FeatureDistiller):
 
     def __init__(self, student: nn.Module, teacher: nn.Module, *, n_data: int, student_layer: str = "auto:in",
                  teacher_layer: str = "auto:in", feat_dim: int = 128, num_negatives: int = 4096,
-                 nce_temperature: float = 0.07, momentum: float = 0.5, crd_weight: float = 0.8,
+                 nce_temperature: float = 0.07, bank_momentum: float = 0.5, crd_weight: float = 0.8,
                  ce_weight: float = 1.0, kd_weight: float = 0.0, temperature: float = 4.0,
                  input_shape: tuple[int, ...] = (3, 32, 32)) -> None:
         super().__init__(student, teacher, student_layers=[student_layer], teacher_layers=[teacher_layer],
@@ -40,7 +40,7 @@ class CRD(FeatureDistiller):
         self.embed_s = nn.Linear(s_dim, feat_dim)
         self.embed_t = nn.Linear(t_dim, feat_dim)
         self.n_data, self.k = n_data, min(num_negatives, n_data - 1)
-        self.nce_temperature, self.momentum = nce_temperature, momentum
+        self.nce_temperature, self.bank_momentum = nce_temperature, bank_momentum
         stdv = 1.0 / math.sqrt(feat_dim / 3)
         gen = torch.Generator().manual_seed(0)  # bank init must not consume the run's RNG
         self.register_buffer("memory_s", (torch.rand(n_data, feat_dim, generator=gen) * 2 - 1) * stdv)
@@ -51,7 +51,7 @@ class CRD(FeatureDistiller):
 
     def feature_losses(self, s_feats, t_feats, batch: Batch):
         if "index" not in batch:
-            raise KeyError("crd needs batch['index'] (dataset indices) for its memory bank; kdforge loaders "
+            raise ValueError("crd needs batch['index'] (dataset indices) for its memory bank; kdforge loaders "
                            "provide it, a plain DataLoader must yield (image, label, index)")
         idx = batch["index"].long()
         es = F.normalize(self.embed_s(s_feats[0].flatten(1)), dim=1)
@@ -66,7 +66,7 @@ class CRD(FeatureDistiller):
         out_s, out_t = out_s / self.z_s, out_t / self.z_t
         loss = crd_nce(out_s[:, 0], out_s[:, 1:], self.n_data) + crd_nce(out_t[:, 0], out_t[:, 1:], self.n_data)
         with torch.no_grad():
-            m = self.momentum
+            m = self.bank_momentum  # named apart from SGD's momentum, so the two never collide
             self.memory_s[idx] = F.normalize(m * self.memory_s[idx] + (1 - m) * es.detach().float(), dim=1)
             self.memory_t[idx] = F.normalize(m * self.memory_t[idx] + (1 - m) * et.detach().float(), dim=1)
         return {"crd": loss}

@@ -344,7 +344,7 @@ class Trainer:
 
     def _monitored(self, metrics: dict[str, Any]) -> float:
         if self.monitor not in metrics:
-            raise KeyError(f"monitor metric {self.monitor!r} is not among the evaluator's metrics "
+            raise ValueError(f"monitor metric {self.monitor!r} is not among the evaluator's metrics "
                            f"{sorted(metrics)}; set eval.monitor to one of them")
         return float(metrics[self.monitor])
 
@@ -407,7 +407,7 @@ class Trainer:
         path = Path(resume) if not isinstance(resume, bool) else Path(self.run_dir or ".") / "checkpoints/last.pt"
         ckpt = load_checkpoint_with_fallback(path)
         if ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise RuntimeError(f"{path} is not a kdforge training checkpoint (format {ckpt.get('format')!r})")
+            raise ValueError(f"{path} is not a kdforge training checkpoint (format {ckpt.get('format')!r})")
         distiller.load_from_checkpoint(ckpt["distiller"])
         self.pos, self.history = dict(ckpt["position"]), list(ckpt["history"])
         self.logger.truncate_after(self.pos["step"])

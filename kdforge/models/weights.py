@@ -128,7 +128,7 @@ def load_weights(
     if strict and unexpected:
         problems.append(f"{len(unexpected)} unexpected key(s): {_listed(unexpected)}")
     if problems:
-        raise RuntimeError(f"cannot load {source} into {type(model).__name__}: " + "; ".join(problems))
+        raise ValueError(f"cannot load {source} into {type(model).__name__}: " + "; ".join(problems))
     if missing or unexpected:
         log.warning(
             "loading %s into %s non-strictly: %d missing (%s), %d unexpected (%s)",

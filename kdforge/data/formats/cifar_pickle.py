@@ -60,7 +60,7 @@ def _get(d: dict, key: str, what: str) -> Any:
         if k in d:
             return d[k]
     keys = ", ".join(sorted(k.decode() if isinstance(k, bytes) else str(k) for k in d))
-    raise KeyError(f"CIFAR pickle {what} has no key {key!r} (keys: {keys})")
+    raise ValueError(f"CIFAR pickle {what} has no key {key!r} (keys: {keys})")
 
 
 def _names(values: list) -> list[str]:
