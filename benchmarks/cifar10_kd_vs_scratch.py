@@ -45,7 +45,7 @@ def main() -> None:
     text = ["# CIFAR-10 on CPU: ResNet-56 -> ResNet-20, Hinton KD vs ResNet-20 alone", "",
             f"{a.epochs} epochs, SGD 0.05 with cosine decay, batch 64, weight decay 5e-4, crop+flip, "
             f"seeds {seeds}; train on the 50,000 JPEG training images, test on the 10,000 JPEG test images "
-            "(../shared/data/cifar10-jpeg.tar.gz). KD: T = 4, ce_weight 0.1 + kd_weight 0.9; teacher: the published ResNet-56 "
+            "(../shared/data/cifar10-jpeg.tar.gz). KD: T = 4, CE 0.1 + KD 0.9; teacher: the published ResNet-56 "
             "weights (akamaster), frozen.", "",
             f"Teacher ResNet-56 on this test set: top-1 {teacher['top1']:.2f}%, top-5 {teacher['top5']:.2f}%."
             if teacher else "", "", table,

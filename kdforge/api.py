@@ -66,22 +66,28 @@ def _loader_info(loader: Iterable) -> dict[str, Any]:
         except Exception:
             shape = None
     info["input_shape"] = tuple(shape) if shape is not None else None
+    info["num_classes"] = getattr(loader, "num_classes", None)
+    info["num_groups"] = getattr(loader, "num_groups", None)
     return info
 
 
 def build_distiller(method: str, student: nn.Module, teacher: nn.Module | None, train_loader: Iterable,
                     **kwargs: Any) -> Distiller:
-    """Instantiate a registered method, filling `n_data` / `input_shape` from the loader when it takes them."""
+    """Instantiate a registered method, filling the facts it takes about the data (`n_data`, `input_shape`,
+    `num_classes`, `num_groups`) from the loader when the caller did not give them."""
     cls = DISTILLERS.get(method)
     check_kwargs(cls.__init__, kwargs, f"method {method!r}", also=sorted(_TRAIN_FIELDS))
     params = inspect.signature(cls.__init__).parameters
-    wanted = [k for k in ("n_data", "input_shape") if k in params and k not in kwargs]
+    facts = {"n_data": "the training-set size", "input_shape": "(C, H, W) of an input",
+             "num_classes": "the number of classes", "num_groups": "the number of groups"}
+    wanted = [k for k in facts if k in params and k not in kwargs]
     info = _loader_info(train_loader) if wanted else {}
     for key in wanted:
         if info.get(key) is not None:
             kwargs[key] = info[key]
-    if "n_data" in params and params["n_data"].default is inspect.Parameter.empty and "n_data" not in kwargs:
-        raise ValueError(f"method {method!r} needs n_data (the training-set size); pass n_data=...")
+        elif params[key].default is inspect.Parameter.empty:
+            raise ValueError(f"method {method!r} needs {key} ({facts[key]}) and the loader does not say it; "
+                             f"pass {key}=...")
     return cls(student, teacher, **kwargs)
 
 

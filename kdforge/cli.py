@@ -28,10 +28,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_prepare(a: argparse.Namespace) -> int:
-    from kdforge.config import expand_path
+    from kdforge.config import expand_path, parse_override
     from kdforge.data.prepare import prepare
 
-    out = prepare(a.name, expand_path(a.source), expand_path(a.root), force=a.force)
+    options = dict(parse_override(o) for o in a.options)
+    out = prepare(a.name, expand_path(a.source), expand_path(a.root), force=a.force, **options)
     print(f"decoded cache ready: {out}")
     return 0
 
@@ -88,8 +89,13 @@ def cmd_report(a: argparse.Namespace) -> int:
 
 def cmd_demo(a: argparse.Namespace) -> int:
     from kdforge.demo import run_demo
+    from kdforge.demo_fair import run_fair_demo
 
-    run_demo(a.out, quick=a.quick, progress=not a.no_progress)
+    out = Path(a.out)
+    if a.name in ("classic", "all"):
+        run_demo(out, quick=a.quick, progress=not a.no_progress)
+    if a.name in ("fair", "all"):
+        run_fair_demo(out / "fair" if a.name == "all" else out, quick=a.quick, progress=not a.no_progress)
     return 0
 
 
@@ -120,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--root", default="${KDFORGE_CACHE}/data",
                    help="cache root (default: %(default)s, KDFORGE_CACHE defaulting to ~/.cache/kdforge)")
     s.add_argument("--force", action="store_true", help="decode again even if a valid cache exists")
+    s.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                   help="a builder option (repeatable, values parsed as YAML): cifar10s skew=0.9, utkface size=32, "
+                        "celeba target=Smiling; recipes give them as data.options")
     s.set_defaults(fn=cmd_prepare)
 
     s = sub.add_parser("train", help="train a model from scratch (teachers, baselines) from a recipe",
@@ -161,10 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="also write the table to this file")
     s.set_defaults(fn=cmd_report)
 
-    s = sub.add_parser("demo", help="the main job on generated data: teacher, student, KD, table (~2 min)",
-                       description="Generate a small image dataset (no download), train a teacher and a "
-                                   "student from scratch, distil the teacher into the student with Hinton KD "
-                                   "and AT, and print the result table; run folders go under --out.")
+    s = sub.add_parser("demo", help="each method's headline story on generated data (about 3 min for all)",
+                       description="Generate small image datasets (no download) and run each story end to end. "
+                                   "classic: a teacher and a student from scratch, then Hinton KD and AT. "
+                                   "fair: a teacher biased by a colour/grey skew, then the same CNN alone, with "
+                                   "HKD and with MFD, with accuracy and DEO_A/DEO_M. Run folders go under --out.")
+    s.add_argument("name", nargs="?", default="all", choices=["all", "classic", "fair"],
+                   help="which demo (default: %(default)s)")
     s.add_argument("--out", default="runs/demo", help="folder for the demo's runs (default: %(default)s)")
     s.add_argument("--quick", action="store_true", help="a much smaller run, for smoke tests")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")

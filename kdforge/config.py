@@ -53,6 +53,8 @@ class DataConfig:
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     train_name: str | None = None  # train on another dataset (out-of-domain data); `name` is then only evaluated
     train_source: str | None = None  # where train_name's public files are
+    options: dict[str, Any] = field(default_factory=dict)  # the dataset builder's (cifar10s: skew; utkface: size)
+    sampler: str | None = None  # group_class_balanced: every (group, class) cell equally in every batch (SS)
     train_subset: int | None = None  # a fixed random subset (same for every seed) of the train split, for quick runs
     val_subset: int | None = None
     synthetic_train: int = 10000  # sizes of the generated dataset when name == synthetic

@@ -371,6 +371,11 @@ def test_ood_training_data_with_in_domain_evaluation_in_a_recipe(tmp_path):
                  "train_name": "ood_pool", "root": str(root), "batch_size": 16},
         "student": "resnet20", "teacher": "resnet20", "method": {"name": "kd"},
         "train": {"epochs": 1, "device": "cpu", "progress": False}})
+    from kdforge.data.build import build_loaders
+
+    bundle = build_loaders(cfg.data)
+    assert bundle.train.num_classes == 3 and bundle.train.data.name == "ood_pool"  # trains on the OOD pool
+    assert bundle.val.num_classes == 10 and bundle.num_classes == 10  # and is scored on the task
     result = run_recipe(cfg, eval_teacher=False)
     assert result.student.linear.out_features == 10  # the evaluated task's classes, not the OOD pool's 3
     assert load_config(tmp_path / "runs" / "ood" / "config.yaml").student.kwargs["num_classes"] == 10

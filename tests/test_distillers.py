@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import kdforge
 from kdforge.api import build_distiller
-from kdforge.config import ConfigError, load_config
+from kdforge.config import ConfigError, TrainConfig, load_config
 from kdforge.data.loader import BatchLoader
 from kdforge.data.synthetic import make_synthetic
 from kdforge.distillers.base import Distiller, FeatureTaps, TeacherCache
@@ -29,10 +29,12 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 #: The loss terms each method returns in its first steps (FitNet: its hint stage). A new method must add
 #: itself here: the test below fails for a registered name without an entry.
 EXPECTED_LOSSES = {
+    "ad": {"ce", "adv"},
     "at": {"ce", "at"},
     "crd": {"ce", "crd"},
     "fitnet": {"hint"},
     "kd": {"ce", "kd"},
+    "mfd": {"ce", "mfd"},
     "nst": {"ce", "nst"},
     "pkt": {"ce", "pkt"},
     "rkd": {"ce", "rkd_dist", "rkd_angle"},
@@ -43,9 +45,14 @@ LOG_KEYS = {"kind", "step", "epoch", "lr", "loss"}
 FAST = dict(device="cpu", progress=False, log_every=1, lr=0.05)
 
 
+def _teacher_for(name: str):
+    """MFD compares features directly, so its teacher has the student's width (as in the paper: same net)."""
+    return tiny_net(2, width=4) if name == "mfd" else tiny_net(2)
+
+
 def _two_steps(name: str, loader, run_dir):
     epochs = 2 if name == "fitnet" else 1  # two-stage FitNet needs an epoch per stage
-    teacher = tiny_net(2)
+    teacher = _teacher_for(name)
     return kdforge.distill(tiny_net(1, width=4), teacher, loader, method=name, epochs=epochs, max_steps=2,
                            run_dir=run_dir, **FAST), teacher
 
@@ -53,7 +60,7 @@ def _two_steps(name: str, loader, run_dir):
 @pytest.mark.parametrize("name", DISTILLERS.names())
 def test_every_method_trains_the_student_only(name, aug_loader, tmp_path):
     assert name in EXPECTED_LOSSES, f"add the loss names of method {name!r} to EXPECTED_LOSSES"
-    student0, teacher0 = state_copy(tiny_net(1, width=4)), state_copy(tiny_net(2))
+    student0, teacher0 = state_copy(tiny_net(1, width=4)), state_copy(_teacher_for(name))
     result, teacher = _two_steps(name, aug_loader, tmp_path / "a")
 
     after = state_copy(result.student)
@@ -66,7 +73,7 @@ def test_every_method_trains_the_student_only(name, aug_loader, tmp_path):
     steps = [r for r in read_metrics(tmp_path / "a") if r["kind"] == "step"]
     assert [r["step"] for r in steps] == [1, 2]
     for r in steps:
-        assert set(r) - LOG_KEYS == EXPECTED_LOSSES[name]
+        assert {k for k in set(r) - LOG_KEYS if not k.startswith("lr_")} == EXPECTED_LOSSES[name]
         assert all(isinstance(r[k], float) and r[k] == r[k] for k in EXPECTED_LOSSES[name])  # finite, not NaN
 
     again, _ = _two_steps(name, aug_loader, tmp_path / "b")  # same seed: the same run, extra modules included
@@ -107,10 +114,13 @@ def test_kd_loss_is_the_weighted_sum_of_its_terms(aug_loader):
 def _stage_outputs(name: str, loader, batch, **options) -> list[dict[str, torch.Tensor]]:
     """The loss dict of one step in each of the method's stages (FitNet: hint, then KD), built afresh."""
     torch.manual_seed(0)  # regressors and embedders are initialised from the global RNG
-    d = build_distiller(name, tiny_net(1, width=4), tiny_net(2), loader, **options)
+    d = build_distiller(name, tiny_net(1, width=4), _teacher_for(name), loader, **options)
     outs = []
     for stage in d.stages(4):
         d.set_stage(stage.name)
+        # games step their own optimisers inside the step (AD's adversary), as a Trainer would set them up
+        d.optimizers = {k: v[0] if isinstance(v, tuple) else v
+                        for k, v in d.configure_optimizers(stage.name, TrainConfig(), 1).items()}
         torch.manual_seed(1)  # CRD draws its negatives from the global RNG
         outs.append({k: v.detach() for k, v in d.training_step(batch).items()})
     return outs

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+import kdforge.data.protocols  # noqa: F401  (registers the protocol datasets: cifar10s, utkface, celeba)
 from kdforge.data.combined import CombinedLoader, DataFree, IndexedDataset
 from kdforge.data.decoded import CACHE_FORMAT_VERSION, DecodedData
 from kdforge.data.loader import IMAGENET_MEAN, IMAGENET_STD, BatchLoader

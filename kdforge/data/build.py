@@ -33,26 +33,38 @@ def _subset(data, n: int | None, seed: int):
     return data.subset(np.sort(rng.choice(len(data), size=n, replace=False)))
 
 
-def load_splits(cfg: Any) -> tuple[Any, Any]:
-    """The decoded train and val splits named by a DataConfig, from a cache consistent with `source`."""
+def _load_split(cfg: Any, name: str, source: str | None, options: dict[str, Any], split: str, role: str) -> Any:
+    """Split `split` of dataset `name` from a cache consistent with `source` and builder `options`
+    (`role` picks the generated split when name is synthetic)."""
     from kdforge.data.decoded import CACHE_FORMAT_VERSION
-    from kdforge.data.prepare import committed_preparation, load_split, prepare, source_fingerprint
+    from kdforge.data.prepare import _jsonable, committed_preparation, load_split, prepare, source_fingerprint
     from kdforge.data.synthetic import make_synthetic
 
-    if cfg.name == "synthetic":
-        splits = make_synthetic(cfg.synthetic_train, cfg.synthetic_test, size=cfg.synthetic_size, seed=0)
-        return splits["train"], splits["test"]
+    if name == "synthetic":
+        return make_synthetic(cfg.synthetic_train, cfg.synthetic_test, size=cfg.synthetic_size, seed=0,
+                              **options)[role]
     root = Path(expand_path(cfg.root))
-    source = expand_path(cfg.source) if cfg.source else None
-    stamp = committed_preparation(cfg.name, root)
+    source = expand_path(source) if source else None
+    stamp = committed_preparation(name, root)
     if source is not None and (Path(source).exists() or stamp is None):  # a missing source: prepare names it
+        wanted = dict(options) if options else (stamp.get("options") or {}) if stamp else {}
         fresh = (stamp is not None and stamp.get("format_version") == CACHE_FORMAT_VERSION
-                 and stamp.get("fingerprint") == source_fingerprint(source))
+                 and stamp.get("fingerprint") == source_fingerprint(source)
+                 and (stamp.get("options") or {}) == _jsonable(wanted))
         if not fresh:  # checked here first, so an up-to-date cache on a read-only disk needs no lock
-            # decoded again with the builder and options the cache was made with (e.g. prepare(format=...))
-            fmt, options = (stamp.get("format"), stamp.get("options") or {}) if stamp else (None, {})
-            prepare(cfg.name, source, root, format=fmt, **options)
-    return load_split(cfg.name, cfg.train_split, root), load_split(cfg.name, cfg.val_split, root)
+            # decoded again with the builder the cache was made with (e.g. prepare(format=...)), and the
+            # recipe's builder options when it gives some (another skew), else the cache's own
+            prepare(name, source, root, format=stamp.get("format") if stamp else None, **wanted)
+    return load_split(name, split, root)
+
+
+def load_splits(cfg: Any) -> tuple[Any, Any]:
+    """The decoded train and val splits named by a DataConfig. Training data comes from `train_name`
+    (`train_source`) when set, e.g. out-of-domain images, while `name` is only evaluated."""
+    train_name = cfg.train_name or cfg.name
+    train_source, train_options = (cfg.train_source, {}) if cfg.train_name else (cfg.source, cfg.options)
+    return (_load_split(cfg, train_name, train_source, train_options, cfg.train_split, "train"),
+            _load_split(cfg, cfg.name, cfg.source, cfg.options, cfg.val_split, "test"))
 
 
 def _num_groups(*datasets: Any) -> int | None:
@@ -65,6 +77,10 @@ def build_loaders(cfg: Any, *, seed: int = 0, sampler: Any = None) -> DataBundle
     from kdforge.data.loader import BatchLoader
     from kdforge.data.transforms import BatchAugment
 
+    if sampler is None and getattr(cfg, "sampler", None):
+        from kdforge.data.samplers import build_sampler
+
+        sampler = build_sampler(cfg.sampler)
     train, val = load_splits(cfg)
     train, val = _subset(train, cfg.train_subset, 0), _subset(val, cfg.val_subset, 1)
     if train.num_classes < 2:

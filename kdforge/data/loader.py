@@ -98,7 +98,7 @@ class BatchLoader:
         self.channels_last = channels_last
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.rank, self.world_size = rank, world_size
-        self.sampler = sampler
+        self.sampler = sampler.bind(batch_size) if hasattr(sampler, "bind") else sampler
         self._num_groups = num_groups
         self.epoch = 0
         self._order: tuple[tuple, torch.Tensor] | None = None  # the last epoch's full order: get_batch asks often
@@ -116,7 +116,8 @@ class BatchLoader:
     def with_sampler(self, sampler: Sampler | None) -> BatchLoader:
         """This loader with another epoch order (a method asking for group/class-balanced batches)."""
         new = copy.copy(self)
-        new.sampler, new._order = sampler, None
+        new.sampler = sampler.bind(self.batch_size) if hasattr(sampler, "bind") else sampler
+        new._order = None
         if new.drop_last and len(new) == 0:
             raise ValueError(f"dataset {self.data.name!r}: an epoch of {sampler!r} has {new._epoch_length()} "
                              f"samples, fewer than batch_size={self.batch_size}")

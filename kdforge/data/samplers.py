@@ -38,11 +38,20 @@ class GroupClassBalancedSampler:
     12
     """
 
-    def __init__(self, per_cell: int | None = None, group_key: str = "group") -> None:
+    def __init__(self, per_cell: int | None = None, group_key: str = "group", *, batchwise: bool = False,
+                 batch_size: int | None = None) -> None:
         if per_cell is not None and per_cell < 1:
             raise ValueError(f"per_cell must be >= 1, got {per_cell}")
         self.per_cell = per_cell
         self.group_key = group_key
+        self.batchwise = batchwise  # balance every batch, not only the epoch (see `_batchwise`)
+        self.batch_size = batch_size
+
+    def bind(self, batch_size: int) -> GroupClassBalancedSampler:
+        """This sampler for a loader of `batch_size` (BatchLoader calls it): batch-wise balance needs the size."""
+        if not self.batchwise:
+            return self
+        return GroupClassBalancedSampler(self.per_cell, self.group_key, batchwise=True, batch_size=batch_size)
 
     def _cells(self, data: DecodedData) -> list[torch.Tensor]:
         """Dataset indices of each (group, class) cell present, cells in (group, class) order."""
@@ -60,6 +69,8 @@ class GroupClassBalancedSampler:
 
     def num_samples(self, data: DecodedData) -> int:
         cells = self._cells(data)
+        if self.batchwise:  # whole batches only (same count every epoch: the remainder's cells vary, not its size)
+            return len(self.indices(data, 0, torch.Generator().manual_seed(0)))
         return len(cells) * self._per_cell(cells)
 
     def indices(self, data: DecodedData, epoch: int, generator: torch.Generator) -> torch.Tensor:
@@ -73,11 +84,56 @@ class GroupClassBalancedSampler:
                 parts.append(cell[torch.randperm(len(cell), generator=generator)[:k]])
             else:
                 parts.append(cell[torch.randint(0, len(cell), (k,), generator=generator)])
-        out = torch.cat(parts)
-        return out[torch.randperm(len(out), generator=generator)]
+        if not self.batchwise:
+            out = torch.cat(parts)
+            return out[torch.randperm(len(out), generator=generator)]
+        return self._batchwise(torch.stack(parts), generator)
+
+    def _batchwise(self, streams: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Every batch takes batch_size // cells samples from each cell's stream (MFD's `--labelwise` batches);
+        the remainder of a batch goes to cells drawn at random, one extra sample each, so batches keep the
+        loader's size. The epoch ends when the streams (all as long as the largest cell) run out."""
+        if self.batch_size is None:
+            raise ValueError("a batch-wise GroupClassBalancedSampler needs the batch size: give it to a BatchLoader "
+                             "(which binds its own) or pass batch_size=")
+        n_cells, k = streams.shape
+        per = self.batch_size // n_cells
+        if per < 1:
+            raise ValueError(f"GroupClassBalancedSampler: batch_size={self.batch_size} is smaller than the "
+                             f"{n_cells} (group, class) cells; use a batch of at least {n_cells}")
+        extra = self.batch_size - per * n_cells
+        pos = torch.zeros(n_cells, dtype=torch.int64)
+        batches = []
+        while True:
+            take = torch.full((n_cells,), per, dtype=torch.int64)
+            if extra:
+                take[torch.randperm(n_cells, generator=generator)[:extra]] += 1
+            if bool((pos + take > k).any()):
+                break
+            batch = torch.cat([streams[c, pos[c]:pos[c] + take[c]] for c in range(n_cells)])
+            batches.append(batch[torch.randperm(len(batch), generator=generator)])
+            pos += take
+        return torch.cat(batches) if batches else torch.zeros(0, dtype=torch.int64)
 
     def __repr__(self) -> str:
-        return f"GroupClassBalancedSampler(per_cell={self.per_cell}, group_key={self.group_key!r})"
+        batch = f", batchwise=True, batch_size={self.batch_size}" if self.batchwise else ""
+        return f"GroupClassBalancedSampler(per_cell={self.per_cell}, group_key={self.group_key!r}{batch})"
+
+
+#: samplers a recipe may name in `data.sampler` (SS in the fairness papers is `group_class_balanced`)
+SAMPLERS = {"group_class_balanced": GroupClassBalancedSampler}
+
+
+def build_sampler(name: str | None, batchwise: bool = True) -> Any:
+    """A sampler named in a recipe (`data.sampler`), or None; `batchwise` balances every batch, not only
+    the epoch, as the fairness papers' group-balanced sampling (SS) does."""
+    if name is None:
+        return None
+    if name not in SAMPLERS:
+        from kdforge.registry import did_you_mean
+
+        raise ValueError(f"unknown sampler {name!r}{did_you_mean(name, list(SAMPLERS))} (known: {', '.join(SAMPLERS)})")
+    return SAMPLERS[name](batchwise=batchwise)
 
 
 def check_order(order: Any, n: int, sampler: Any) -> torch.Tensor:

@@ -6,6 +6,7 @@ its docstring, and is checked against a naive loop in tests/test_losses.py.
 from kdforge.losses.crd import crd_nce, crd_scores
 from kdforge.losses.features import at_loss, attention_map, hint_mse, match_spatial, nst_loss
 from kdforge.losses.logits import kd_div
+from kdforge.losses.mfd import mfd_loss
 from kdforge.losses.relational import pkt_loss, rkd_angle, rkd_distance, rkd_loss
 from kdforge.losses.vid import vid_loss
 
@@ -17,6 +18,7 @@ __all__ = [
     "hint_mse",
     "kd_div",
     "match_spatial",
+    "mfd_loss",
     "nst_loss",
     "pkt_loss",
     "rkd_angle",

@@ -1,4 +1,5 @@
-"""Streaming metrics (accuracy, confusion matrix, per-group accuracy) and the evaluators runs are scored by."""
+"""Streaming metrics (accuracy, confusion matrix, per-group accuracy, group fairness) and the evaluators runs are
+scored by."""
 from kdforge.metrics.classification import Accuracy, ConfusionMatrix, GroupAccuracy, evaluate_classifier
 from kdforge.metrics.evaluators import (
     ClassificationEvaluator,
@@ -7,6 +8,14 @@ from kdforge.metrics.evaluators import (
     ImageEvaluator,
     build_evaluator,
 )
+from kdforge.metrics.fairness import (  # importing it registers the "fairness" evaluator
+    FairnessEvaluator,
+    GroupConfusion,
+    equal_opportunity_gaps,
+    fairness_from_counts,
+    group_class_accuracy,
+)
 
-__all__ = ["Accuracy", "ClassificationEvaluator", "ConfusionMatrix", "Evaluator", "GroupAccuracy", "GroupEvaluator",
-           "ImageEvaluator", "build_evaluator", "evaluate_classifier"]
+__all__ = ["Accuracy", "ClassificationEvaluator", "ConfusionMatrix", "Evaluator", "FairnessEvaluator",
+           "GroupAccuracy", "GroupConfusion", "GroupEvaluator", "ImageEvaluator", "build_evaluator",
+           "equal_opportunity_gaps", "evaluate_classifier", "fairness_from_counts", "group_class_accuracy"]

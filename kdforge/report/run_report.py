@@ -20,8 +20,10 @@ from kdforge.report.common import (
     scalar_names,
     to_number,
 )
+from kdforge.report.fairness_plots import group_accuracy_bars
 
 _MAX_LIST_ROWS = 64  # longer list metrics stay in summary.json only
+_GROUP_TABLE = "group_class_top1"  # a [group][class] accuracy table (fairness evaluator): drawn as bars
 
 
 def epoch_history(run_dir: Path, result: Any) -> list[dict[str, Any]]:
@@ -156,6 +158,8 @@ def _list_tables(summary: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     for name in dict.fromkeys(list_names(m) + list_names(t)):
         cols = [(who, d[name]) for who, d in (("teacher", t), ("student", m)) if isinstance(d.get(name), list)]
+        if any(isinstance(x, list) for _, v in cols for x in v):  # a 2-D table: drawn (or kept in summary.json)
+            continue
         n = max(len(v) for _, v in cols)
         label = metric_label(name)
         lines += [(f"{label} (`{name}`)" if label != name else f"`{name}`") + ", one value per index:", ""]
@@ -166,6 +170,21 @@ def _list_tables(summary: dict[str, Any]) -> list[str]:
         d = decimals_for([x for x in flat if x is not None], name)
         rows = [[str(i)] + [fmt(v[i], d, name) if i < len(v) else "-" for _, v in cols] for i in range(n)]
         lines += _md_table(["index"] + [who for who, _ in cols], rows) + [""]
+    return lines
+
+
+def _group_accuracy_charts(summary: dict[str, Any], run_dir: Path) -> list[str]:
+    """group_accuracy.png (and group_accuracy_teacher.png) from a per-(group, class) accuracy table in the
+    metrics (the fairness evaluator's `group_class_top1`), with the Markdown that embeds them."""
+    lines: list[str] = []
+    for who, d, file in (("teacher", summary["teacher_metrics"] or {}, "group_accuracy_teacher.png"),
+                         ("student", summary["metrics"], "group_accuracy.png")):
+        table = d.get(_GROUP_TABLE)
+        if not (isinstance(table, list) and table and all(isinstance(r, list) for r in table)):
+            continue
+        group_accuracy_bars(table, run_dir / file, title=f"{who}: accuracy per class and group (%)")
+        lines += [f"Accuracy of the {who} per class and group (`{_GROUP_TABLE}`; values in summary.json):", "",
+                  f"![{who} accuracy per class and group]({file})", ""]
     return lines
 
 
@@ -234,6 +253,7 @@ def write_run_report(run_dir: str | Path, cfg: Any, result: Any, *, monitor: str
         lines += [f"The teacher `{teacher}` was not evaluated in this run.", ""]
     lines += [_monitor_line(summary, history), ""]
     lines += _list_tables(summary)
+    lines += _group_accuracy_charts(summary, run_dir)
     if summary["params"]:
         lines += ["Trained networks: " + ", ".join(f"{k} {_count(n)} parameters" for k, n in summary["params"].items())
                   + ".", ""]
@@ -244,6 +264,8 @@ def write_run_report(run_dir: str | Path, cfg: Any, result: Any, *, monitor: str
         lines += ["## Per epoch", ""] + _per_epoch_table(history) + [""]
     if plot is not None:
         lines += ["![training curves](curves.png)", ""]
+    if (run_dir / "tsne.png").exists():
+        lines += ["t-SNE of penultimate features, coloured by class and by group:", "", "![t-SNE](tsne.png)", ""]
     if (run_dir / "samples.png").exists():
         lines += ["A training batch as the student sees it:", "", "![training samples](samples.png)", ""]
     lines += ["The resolved configuration is in `config.yaml`; per-step and per-epoch metrics in `metrics.jsonl`; "
