@@ -2,7 +2,7 @@
 whose inner steps go through `Distiller.optimizer_step`, vs the same game written as a bare PyTorch loop.
 
 Target (issue 13): Trainer <= 1.05x the bare loop. Prints the medians of interleaved rounds and the ratio.
-    python benchmarks/game_overhead.py [--steps 20] [--batch 64] [--rounds 5]
+    python benchmarks/game_overhead.py [--steps 20] [--batch 64] [--rounds 5] [--threads 1]
 """
 from __future__ import annotations
 
@@ -63,7 +63,10 @@ class Game(Distiller):
 
 
 def main() -> None:
-    a = timing_args(__doc__).parse_args()
+    ap = timing_args(__doc__)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for both loops (pinned: less noise)")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     batches = fixed_batches(a.steps, a.batch)
     nets = [kdforge.MODELS.build("resnet20"), kdforge.MODELS.build("resnet32"), make_generator(), make_critic()]
@@ -109,7 +112,7 @@ def main() -> None:
     t = interleaved({"bare loop": bare, "Trainer": engine}, rounds=a.rounds)
     ratio = t["Trainer"] / t["bare loop"]
     print(f"game overhead (ResNet-32 teacher -> ResNet-20 student, generator + patch critic, batch {a.batch}, "
-          f"{a.steps} steps, median of {a.rounds} interleaved rounds)")
+          f"{a.steps} steps, {a.threads} thread(s), median of {a.rounds} interleaved rounds)")
     print(f"  bare PyTorch loop : {t['bare loop']:.3f} s")
     print(f"  kdforge Trainer   : {t['Trainer']:.3f} s")
     print(f"  ratio Trainer / bare = {ratio:.3f}  (target <= 1.05)")

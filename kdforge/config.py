@@ -78,6 +78,7 @@ class EvalConfig:
     name: str = "classification"
     monitor: str | None = None  # the metric for "best" and the plateau schedule; default: the evaluator's own
     mode: str | None = None  # max | min (higher or lower is better); default: the evaluator's own
+    tsne: int = 0  # > 0: a t-SNE plot (tsne.png) of this many val samples' penultimate student features
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 

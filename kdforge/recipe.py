@@ -100,6 +100,8 @@ def _run_in(folder: RunFolder, cfg: RunConfig, *, resume: bool, eval_teacher: bo
                      resume=resume, seed=cfg.seed, train=cfg.train, method_options=cfg.method.kwargs,
                      evaluator=evaluator, monitor=monitor, mode=mode, config_dict=cfg.to_dict())
     result.teacher_metrics = teacher_metrics
+    if cfg.eval.tsne > 0:
+        _tsne(result.student, data, cfg, run_dir / "tsne.png")
     write_run_report(run_dir, cfg, result, monitor=monitor, mode=mode, evaluator=cfg.eval.name)
     return result
 
@@ -111,6 +113,20 @@ def _save_sample_grid(loader: Any, path: Path) -> None:
     from kdforge.data import make_grid_image
 
     make_grid_image(loader.get_batch(0)["image"][:64], path, loader.mean, loader.std, nrow=8)
+
+
+def _tsne(student: nn.Module, data: Any, cfg: RunConfig, path: Path) -> None:
+    """MFD's Figure 5 for this run: the student's penultimate features of a seeded sample of the val split,
+    coloured by class and by group (the supplement's t-SNE settings)."""
+    import torch
+
+    from kdforge.engine.trainer import resolve_device, to_batch
+    from kdforge.report.fairness_plots import penultimate_features, tsne_plot
+
+    feats, labels, groups = penultimate_features(student, data.val, resolve_device(cfg.train.device),
+                                                 max_samples=None, to_batch=to_batch)
+    tsne_plot(feats, labels, groups if groups is not None else torch.zeros_like(labels), path,
+              max_samples=cfg.eval.tsne, class_names=data.classes)
 
 
 def _cached_teacher_eval(run_dir: Path, cfg: RunConfig, teacher: nn.Module, loader: Any,

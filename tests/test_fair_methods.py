@@ -133,3 +133,14 @@ def test_demo_fair_quick(tmp_path, capsys):
     cfg = load_config(tmp_path / "fair" / "student_mfd" / "config.yaml")
     assert cfg.teacher.weights.endswith("teacher/checkpoints/last.pt") and cfg.eval.name == "fairness"
     assert (tmp_path / "fair" / "student_mfd" / "group_accuracy.png").exists()
+
+
+def test_a_recipe_run_draws_the_tsne_of_penultimate_features(tmp_path):
+    cfg = load_config(None, base={
+        "name": "tsne", "out_dir": str(tmp_path), "student": "resnet20", "method": {"name": "scratch"},
+        "data": {"name": "synthetic", "synthetic_train": 64, "synthetic_test": 80, "synthetic_size": 16,
+                 "batch_size": 32},
+        "train": {"epochs": 1, "device": "cpu", "progress": False}, "eval": {"name": "fairness", "tsne": 60}})
+    run_recipe(cfg)
+    assert (tmp_path / "tsne" / "tsne.png").exists()
+    assert "tsne.png" in (tmp_path / "tsne" / "report.md").read_text()
