@@ -25,8 +25,7 @@ from kdforge.config import (
 )
 from kdforge.engine.checkpoint import load_checkpoint, seed_everything
 from kdforge.engine.run_folder import RunFolder, open_run_folder
-from kdforge.engine.trainer import guess_mode
-from kdforge.metrics.evaluators import build_evaluator
+from kdforge.metrics.evaluators import build_evaluator, guess_mode
 from kdforge.registry import MODELS
 
 

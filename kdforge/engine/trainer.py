@@ -31,7 +31,7 @@ from kdforge.engine.checkpoint import (
 )
 from kdforge.engine.logging import MetricsLogger
 from kdforge.engine.optim import build_scheduler
-from kdforge.metrics.evaluators import ClassificationEvaluator
+from kdforge.metrics.evaluators import ClassificationEvaluator, guess_mode
 
 CHECKPOINT_FORMAT = "kdforge-checkpoint/1"
 PRECISIONS = {"32": None, "fp32": None, "bf16": torch.bfloat16, "16": torch.float16, "fp16": torch.float16}
@@ -96,12 +96,6 @@ def loader_length(loader: Iterable, what: str = "train loader") -> int:
     if n == 0:
         raise ValueError(f"the {what} yields no batches (a dataset smaller than one batch with drop_last?)")
     return n
-
-
-def guess_mode(metric: str) -> str:
-    """Whether higher is better for a metric named like this: losses, errors and distances go down."""
-    lower = ("loss", "err", "fid", "kid", "l1", "mse", "lpips", "deo", "gap", "bpd", "nll")
-    return "min" if any(w in metric.lower() for w in lower) else "max"
 
 
 class Trainer:

@@ -8,6 +8,7 @@ a run's "best" epoch and `kdforge report` never assume top-1. Metric values are 
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -18,6 +19,16 @@ from kdforge.metrics.classification import evaluate_classifier
 from kdforge.registry import EVALUATORS
 
 Predict = Callable[[dict[str, Any]], Any]
+
+#: name parts of metrics where lower is better: losses, errors, distances, fairness gaps
+LOWER_IS_BETTER = {"loss", "l1", "l2", "mse", "mae", "rmse", "fid", "kid", "lpips", "nll", "bpd", "err", "error",
+                   "gap", "ece", "deo", "diff"}
+
+
+def guess_mode(metric: str) -> str:
+    """'min' when lower is better for a metric named like this (loss, l1, fid, deo_m, eod_diff), else 'max'."""
+    parts = set(re.split(r"[_\-.]", metric.lower()))
+    return "min" if parts & LOWER_IS_BETTER or metric.lower().endswith(("loss", "error")) else "max"
 
 
 class Evaluator:

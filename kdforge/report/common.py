@@ -19,9 +19,6 @@ METRIC_LABELS: dict[str, tuple[str, int | None]] = {
     "fid": ("FID", 2),
 }
 # Name parts of metrics where lower is better; everything else defaults to higher is better.
-_MIN_PARTS = {"loss", "l1", "l2", "mse", "mae", "rmse", "fid", "kid", "lpips", "nll", "bpd", "err", "error",
-              "gap", "ece", "deo"}
-
 # Config keys that say how a run was executed or where it was written, not what was trained: two runs
 # differing only in these are the same experiment (same identity, same table row).
 RUN_ONLY_KEYS = frozenset({
@@ -33,12 +30,6 @@ _SEED_SUFFIX = re.compile(r"[_-](?:s|seed)\d+$")
 
 def metric_label(name: str) -> str:
     return METRIC_LABELS.get(name, (name, None))[0]
-
-
-def guess_mode(name: str) -> str:
-    """'min' for losses, errors, distances and FID-like names; 'max' otherwise."""
-    parts = set(re.split(r"[_\-.]", name.lower()))
-    return "min" if parts & _MIN_PARTS or name.lower().endswith(("loss", "error")) else "max"
 
 
 def check_mode(mode: str) -> str:

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from kdforge.metrics.evaluators import guess_mode
 from kdforge.registry import did_you_mean
 from kdforge.report.common import (
     check_mode,
@@ -20,7 +21,6 @@ from kdforge.report.common import (
     decimals_for,
     experiment_fields,
     fmt,
-    guess_mode,
     list_names,
     scalar_names,
     strip_seed,
