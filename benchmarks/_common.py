@@ -1,10 +1,11 @@
-"""Shared bits of the speed benchmarks: interleaved A/B timing, since these machines are noisy."""
+"""Shared bits of the benchmarks: interleaved A/B timing (these machines are noisy) and result tables."""
 from __future__ import annotations
 
 import argparse
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -37,3 +38,12 @@ def timing_args(doc: str | None) -> argparse.ArgumentParser:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median is reported")
     return ap
+
+
+def publish(lines: list[str], path: str | Path | None) -> None:
+    """Print a result table and, when `path` is given, write it there (results/*.md)."""
+    text = "\n".join(lines)
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text + "\n")
+    print(text)

@@ -12,6 +12,8 @@ import json
 import time
 from pathlib import Path
 
+from _common import publish  # noqa: E402  (benchmarks/ is run as a script folder)
+
 from kdforge.config import load_config
 from kdforge.recipe import run_recipe
 from kdforge.report import aggregate, find_runs
@@ -61,9 +63,7 @@ def main() -> None:
     text += ["", "Produced by `python benchmarks/cifar10_kd_vs_scratch.py "
              f"--epochs {a.epochs} --seeds {' '.join(map(str, seeds))}` on 2 CPU cores (training time includes "
              "per-epoch evaluation; other jobs shared the cores during some epochs)."]
-    Path(a.results).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.results).write_text("\n".join(text) + "\n")
-    print("\n".join(text))
+    publish(text, a.results)
     print(json.dumps({"results": a.results}))
 
 

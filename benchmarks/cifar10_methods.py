@@ -13,6 +13,8 @@ import json
 import time
 from pathlib import Path
 
+from _common import publish  # noqa: E402  (benchmarks/ is run as a script folder)
+
 from kdforge.config import load_config
 from kdforge.recipe import run_recipe
 from kdforge.report import aggregate, find_runs
@@ -73,10 +75,7 @@ def main() -> None:
     only = f" --recipes {' '.join(a.recipes)}" if a.recipes else ""
     lines += ["", f"Produced by `python benchmarks/cifar10_methods.py --train-subset {a.train_subset} "
               f"--epochs {a.epochs} --seeds {' '.join(map(str, a.seeds))}{only}` on 2 CPU cores."]
-    if a.results:
-        Path(a.results).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.results).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    publish(lines, a.results)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ import statistics
 import time
 from pathlib import Path
 
+from _common import publish  # noqa: E402  (benchmarks/ is run as a script folder)
+
 from kdforge.config import load_config
 from kdforge.recipe import run_recipe
 
@@ -104,10 +106,7 @@ def main() -> None:
                      f"more accurate than MFD-F: {verdict(ok_f)} (top-1 {acc['mfd']:.2f} vs {acc['mfd_f']:.2f}).")
     lines += ["", f"Produced by `python benchmarks/mfd_cifar10s.py --train-subset {a.train_subset} --epochs {a.epochs} "
               f"--seeds {' '.join(map(str, a.seeds))}` on 2 CPU cores."]
-    if a.results:
-        Path(a.results).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.results).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    publish(lines, a.results)
 
 
 if __name__ == "__main__":

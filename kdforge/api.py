@@ -114,11 +114,12 @@ def _check_models(student: nn.Module, train_loader: Iterable, cfg: TrainConfig) 
                             "batches are float32: call student.float(), or use train.precision for mixed precision")
     num_classes = getattr(train_loader, "num_classes", None)
     try:
-        head = dict(student.named_modules())[last_linear(student)]
+        head_name = last_linear(student)
     except ValueError:
         return
+    head = student.get_submodule(head_name)
     if num_classes and getattr(head, "out_features", num_classes) < num_classes:
-        raise ValueError(f"the student's head ({type(student).__name__}.{last_linear(student)}) has "
+        raise ValueError(f"the student's head ({type(student).__name__}.{head_name}) has "
                          f"{head.out_features} outputs but the data has {num_classes} classes: build it with "
                          f"num_classes={num_classes}")
 

@@ -54,7 +54,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from kdforge.engine.checkpoint import load_checkpoint
     from kdforge.recipe import evaluate_checkpoint
 
-    saved = load_checkpoint(a.checkpoint).get("config") or {}
+    ckpt = load_checkpoint(a.checkpoint)  # read once: it gives the config and the weights
+    saved = ckpt.get("config") or {}
     if a.recipe:
         cfg = load_config(a.recipe, a.overrides)
     elif saved:
@@ -63,7 +64,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
         raise ValueError(f"{a.checkpoint} carries no config: pass --recipe to say which model and data it is")
     if a.split:
         cfg.data.val_split = a.split
-    metrics = evaluate_checkpoint(a.checkpoint, cfg, model_name=a.model)
+    metrics = evaluate_checkpoint(a.checkpoint, cfg, model_name=a.model, ckpt=ckpt)
     print(json.dumps({"checkpoint": str(a.checkpoint), "split": cfg.data.val_split, "evaluator": cfg.eval.name,
                       **metrics}, indent=1))
     return 0

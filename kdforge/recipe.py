@@ -188,14 +188,15 @@ def networks_from_checkpoint(checkpoint: str | Path) -> dict[str, nn.Module]:
     return distiller.networks()
 
 
-def evaluate_checkpoint(checkpoint: str | Path, cfg: RunConfig, *, model_name: str | None = None) -> dict[str, Any]:
+def evaluate_checkpoint(checkpoint: str | Path, cfg: RunConfig, *, model_name: str | None = None,
+                        ckpt: dict[str, Any] | None = None) -> dict[str, Any]:
     """What `kdforge eval` prints: the run's evaluator on `cfg.data`'s val split. A kdforge training
     checkpoint is scored as its run scored it (the method's `predict`, its teacher as reference); a plain
-    state dict, or `model_name`, as a single model."""
+    state dict, or `model_name`, as a single model. `ckpt`: the checkpoint already read, if the caller has it."""
     from kdforge.api import load_student
     from kdforge.data.build import build_loaders
 
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = load_checkpoint(checkpoint) if ckpt is None else ckpt
     data = build_loaders(cfg.data, seed=cfg.seed)
     evaluator, _, _ = _evaluator(cfg)
     if "distiller" in ckpt and model_name is None:

@@ -155,9 +155,8 @@ class BatchLoader:
     def _epoch_length(self) -> int:
         if self.sampler is None:
             return len(self.data)
-        if hasattr(self.sampler, "num_samples"):
-            return int(self.sampler.num_samples(self.data))
-        return len(self._full_order(self.epoch))
+        known = self.sampler.num_samples(self.data) if hasattr(self.sampler, "num_samples") else None
+        return int(known) if known is not None else len(self._full_order(self.epoch))
 
     def _per_rank(self) -> int:
         return -(-self._epoch_length() // self.world_size)  # ceil: the order is padded by wrapping

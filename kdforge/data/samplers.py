@@ -4,7 +4,7 @@ A sampler is any object with `indices(data, epoch, generator) -> torch.Tensor`: 
 epoch, in order (indices may repeat; the length sets the epoch length). BatchLoader passes a generator seeded
 from (seed, epoch), so a sampler that draws only from it makes every epoch reproducible: batch b of epoch e
 can be rebuilt alone, which is what exact mid-epoch resume needs. An optional `num_samples(data)` gives the
-epoch length without drawing an epoch.
+epoch length without drawing an epoch (None when only the drawn epoch knows it).
 """
 from __future__ import annotations
 
@@ -67,10 +67,10 @@ class GroupClassBalancedSampler:
     def _per_cell(self, cells: list[torch.Tensor]) -> int:
         return self.per_cell if self.per_cell is not None else max((len(c) for c in cells), default=0)
 
-    def num_samples(self, data: DecodedData) -> int:
+    def num_samples(self, data: DecodedData) -> int | None:
+        if self.batchwise:  # which cells take the remainder varies, so the batch count can vary by epoch
+            return None  # BatchLoader then measures the (cached) epoch order itself
         cells = self._cells(data)
-        if self.batchwise:  # whole batches only (same count every epoch: the remainder's cells vary, not its size)
-            return len(self.indices(data, 0, torch.Generator().manual_seed(0)))
         return len(cells) * self._per_cell(cells)
 
     def indices(self, data: DecodedData, epoch: int, generator: torch.Generator) -> torch.Tensor:
