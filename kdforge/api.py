@@ -68,18 +68,21 @@ def _loader_info(loader: Iterable) -> dict[str, Any]:
     info["input_shape"] = tuple(shape) if shape is not None else None
     info["num_classes"] = getattr(loader, "num_classes", None)
     info["num_groups"] = getattr(loader, "num_groups", None)
+    info["image_mean"], info["image_std"] = getattr(loader, "mean", None), getattr(loader, "std", None)
     return info
 
 
 def build_distiller(method: str, student: nn.Module, teacher: nn.Module | None, train_loader: Iterable,
                     **kwargs: Any) -> Distiller:
     """Instantiate a registered method, filling the facts it takes about the data (`n_data`, `input_shape`,
-    `num_classes`, `num_groups`) from the loader when the caller did not give them."""
+    `num_classes`, `num_groups`, `image_mean`, `image_std`) from the loader when the caller did not give them."""
     cls = DISTILLERS.get(method)
     check_kwargs(cls.__init__, kwargs, f"method {method!r}", also=sorted(_TRAIN_FIELDS))
     params = inspect.signature(cls.__init__).parameters
     facts = {"n_data": "the training-set size", "input_shape": "(C, H, W) of an input",
-             "num_classes": "the number of classes", "num_groups": "the number of groups"}
+             "num_classes": "the number of classes", "num_groups": "the number of groups",
+             "image_mean": "the per-channel mean images are normalised with",
+             "image_std": "the per-channel std images are normalised with"}
     wanted = [k for k in facts if k in params and k not in kwargs]
     info = _loader_info(train_loader) if wanted else {}
     for key in wanted:

@@ -27,13 +27,51 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="skip evaluating the teacher on the validation set at the start")
 
 
+OOD_SUBSET = "ood-subset"  # `kdforge prepare ood-subset ...`: a teacher's transfer set from a prepared pool
+_OOD_FLAGS = {"pool": "--pool", "teacher": "--teacher", "teacher_weights": "--teacher-weights",
+              "rule": "--rule", "k": "--k", "per_class": "--per-class"}
+
+
 def cmd_prepare(a: argparse.Namespace) -> int:
     from kdforge.config import expand_path, parse_override
     from kdforge.data.prepare import prepare
 
+    if a.name == OOD_SUBSET:
+        return _prepare_ood_subset(a)
+    stray = [flag for key, flag in _OOD_FLAGS.items() if getattr(a, key) is not None] + (
+        ["--teacher-option"] if a.teacher_options else [])
+    if stray:
+        raise ValueError(f"{', '.join(stray)} belong to `kdforge prepare {OOD_SUBSET}`, not to preparing dataset "
+                         f"{a.name!r}")
+    if a.source is None:
+        raise ValueError(f"kdforge prepare {a.name} needs --source PATH (the published files: a directory, .tar or "
+                         ".tar.gz)")
     options = dict(parse_override(o) for o in a.options)
     out = prepare(a.name, expand_path(a.source), expand_path(a.root), force=a.force, **options)
     print(f"decoded cache ready: {out}")
+    return 0
+
+
+def _prepare_ood_subset(a: argparse.Namespace) -> int:
+    """The teacher's transfer set from a prepared pool: kdforge.data.ood.select_ood_subset, nothing more."""
+    from kdforge.config import ModelConfig, expand_path, parse_override
+    from kdforge.data.ood import select_ood_subset
+    from kdforge.recipe import build_model_from_config
+
+    missing = [flag for key, flag in _OOD_FLAGS.items() if key in ("pool", "teacher", "teacher_weights", "rule")
+               and getattr(a, key) is None]
+    if missing:
+        raise ValueError(f"kdforge prepare {OOD_SUBSET} needs {', '.join(missing)} (e.g. --pool tiny_imagenet "
+                         "--teacher resnet56 --teacher-weights resnet56.th --rule entropy --k 5000)")
+    if a.source is not None or a.options:
+        raise ValueError(f"--source and --option prepare a dataset; `kdforge prepare {OOD_SUBSET}` reads the pool "
+                         f"prepared already (kdforge prepare {a.pool} --source ...)")
+    kwargs = dict(parse_override(o) for o in a.teacher_options)
+    teacher = build_model_from_config(ModelConfig(a.teacher, expand_path(a.teacher_weights), kwargs), role="teacher")
+    indices = select_ood_subset(a.pool, teacher, rule=a.rule, k=a.k, per_class=a.per_class, root=expand_path(a.root),
+                                device=a.device, split=a.split, batch_size=a.batch_size, mean=a.mean, std=a.std,
+                                resize=a.resize, progress=print)
+    print(f"selected {len(indices)} samples of {a.pool} ({a.split})")
     return 0
 
 
@@ -91,12 +129,15 @@ def cmd_report(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     from kdforge.demo import run_demo
     from kdforge.demo_fair import run_fair_demo
+    from kdforge.demo_mosaic import run_mosaic_demo
 
     out = Path(a.out)
     if a.name in ("classic", "all"):
         run_demo(out, quick=a.quick, progress=not a.no_progress)
     if a.name in ("fair", "all"):
         run_fair_demo(out / "fair" if a.name == "all" else out, quick=a.quick, progress=not a.no_progress)
+    if a.name == "mosaic":
+        run_mosaic_demo(out, quick=a.quick, progress=not a.no_progress)
     return 0
 
 
@@ -120,16 +161,38 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("prepare", help="decode a public dataset once into a memory-mapped uint8 cache",
                        description="Decode a dataset from its published format into <root>/<name>/<split>/ "
                                    "(uint8 images, labels, meta.json); later runs load it in seconds.")
-    s.add_argument("name", help="cifar10 | cifar100 | tiny_imagenet | image_folder")
-    s.add_argument("--source", required=True,
+    s.add_argument("name", help="cifar10 | cifar100 | tiny_imagenet | utkface | image_folder | ... (kdforge list "
+                                "datasets); or ood-subset: a teacher's transfer set from a prepared pool (below)")
+    s.add_argument("--source",
                    help="the published files: a directory, a .tar or .tar.gz (image folders, the official "
-                        "CIFAR python pickles, Tiny-ImageNet's layout)")
+                        "CIFAR python pickles, Tiny-ImageNet's layout); needed to prepare a dataset")
     s.add_argument("--root", default="${KDFORGE_CACHE}/data",
                    help="cache root (default: %(default)s, KDFORGE_CACHE defaulting to ~/.cache/kdforge)")
     s.add_argument("--force", action="store_true", help="decode again even if a valid cache exists")
     s.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
                    help="a builder option (repeatable, values parsed as YAML): cifar10s skew=0.9, utkface size=32, "
                         "celeba target=Smiling; recipes give them as data.options")
+    g = s.add_argument_group(
+        "ood-subset", "kdforge prepare ood-subset --pool NAME --teacher MODEL --teacher-weights PATH --rule entropy "
+        "--k N: run the teacher once over the prepared pool's split (cached per teacher) and save the indices it "
+        "keeps as JSON beside the pool (recipes: data.train_select). Rules: entropy --k N (MosaicKD's "
+        "highest-entropy OOD subset), balanced --per-class N (Nayak et al.'s class-balanced transfer set)")
+    g.add_argument("--pool", help="a prepared dataset (e.g. tiny_imagenet prepared with --option size=32)")
+    g.add_argument("--split", default="train", help="the pool's split to select from (default: %(default)s)")
+    g.add_argument("--teacher", help="the teacher model's name (kdforge list models)")
+    g.add_argument("--teacher-weights", help="the teacher's weights (a kdforge checkpoint or a state dict)")
+    g.add_argument("--teacher-option", dest="teacher_options", action="append", default=[], metavar="KEY=VALUE",
+                   help="a teacher model option (repeatable), e.g. num_classes=100")
+    g.add_argument("--rule", help="entropy | balanced")
+    g.add_argument("--k", type=int, help="entropy: how many samples to keep")
+    g.add_argument("--per-class", type=int, help="balanced: how many samples per teacher class")
+    g.add_argument("--device", default="auto", help="where the teacher runs (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=512, help="teacher batch size (default: %(default)s)")
+    g.add_argument("--mean", type=float, nargs=3, default=[0.485, 0.456, 0.406],
+                   help="input normalisation, as the recipe's data.mean (default: ImageNet's)")
+    g.add_argument("--std", type=float, nargs=3, default=[0.229, 0.224, 0.225],
+                   help="as the recipe's data.std (default: ImageNet's)")
+    g.add_argument("--resize", type=int, help="as the recipe's data.resize (default: none)")
     s.set_defaults(fn=cmd_prepare)
 
     s = sub.add_parser("train", help="train a model from scratch (teachers, baselines) from a recipe",
@@ -175,8 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate small image datasets (no download) and run each story end to end. "
                                    "classic: a teacher and a student from scratch, then Hinton KD and AT. "
                                    "fair: a teacher biased by a colour/grey skew, then the same CNN alone, with "
-                                   "HKD and with MFD, with accuracy and DEO_A/DEO_M. Run folders go under --out.")
-    s.add_argument("name", nargs="?", default="all", choices=["all", "classic", "fair"],
+                                   "HKD and with MFD, with accuracy and DEO_A/DEO_M. mosaic: a teacher of ten "
+                                   "generated classes distilled from ten other classes only, by blind KD and by "
+                                   "MosaicKD. Run folders go under --out.")
+    s.add_argument("name", nargs="?", default="all", choices=["all", "classic", "fair", "mosaic"],
                    help="which demo (default: %(default)s)")
     s.add_argument("--out", default="runs/demo", help="folder for the demo's runs (default: %(default)s)")
     s.add_argument("--quick", action="store_true", help="a much smaller run, for smoke tests")

@@ -53,6 +53,13 @@ class DataConfig:
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     train_name: str | None = None  # train on another dataset (out-of-domain data); `name` is then only evaluated
     train_source: str | None = None  # where train_name's public files are
+    # no training data (DAFL, DFAD: the method makes its inputs): the train loader is kdforge.data.DataFree with
+    # this many steps an epoch of batch_size; `name` is only evaluated
+    data_free_steps: int | None = None
+    # keep the teacher-chosen part of the train split: {rule: entropy, k: N} (MosaicKD's OOD subset) or
+    # {rule: balanced, per_class: N} (Nayak et al.); applied before train_subset; see kdforge.data.ood
+    train_select: dict[str, Any] | None = None
+    train_options: dict[str, Any] = field(default_factory=dict)  # train_name's builder options (e.g. size: 32)
     options: dict[str, Any] = field(default_factory=dict)  # the dataset builder's (cifar10s: skew; utkface: size)
     sampler: str | None = None  # group_class_balanced: every (group, class) cell equally in every batch (SS)
     train_subset: int | None = None  # a fixed random subset (same for every seed) of the train split, for quick runs
@@ -281,6 +288,17 @@ def _validate_data(c: DataConfig) -> None:
         raise ConfigError(f"data.mean and data.std: need one value per channel each, got {len(c.mean)} and "
                           f"{len(c.std)}")
     _number(c, s, "train_subset", integer=True, low=1, optional=True)
+    _number(c, s, "data_free_steps", integer=True, low=1, optional=True)
+    if c.data_free_steps is not None:
+        clash = [k for k in ("train_name", "train_source", "train_select", "train_subset", "sampler")
+                 if getattr(c, k, None)]
+        if clash:
+            raise ConfigError(f"data.data_free_steps trains without data, so data.{clash[0]} has nothing to apply to; "
+                              "drop one of them")
+    if c.train_select is not None:
+        from kdforge.data.ood import check_selection  # only here: it needs torch, config.py stays light
+
+        c.train_select = check_selection(c.train_select, "data.train_select")
     _number(c, s, "val_subset", integer=True, low=1, optional=True)
     _number(c, s, "synthetic_train", integer=True, low=1)
     _number(c, s, "synthetic_test", integer=True, low=1)

@@ -14,6 +14,7 @@ from torch import nn
 
 from kdforge.api import DistillResult, build_distiller, distill, evaluate
 from kdforge.config import (
+    ConfigError,
     ModelConfig,
     RunConfig,
     atomic_write_text,
@@ -68,6 +69,10 @@ def run_recipe(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
                eval_teacher: bool = True) -> DistillResult:
     """Data, models, method, evaluator, training and report, in the run folder `<out_dir>/<name>`, which is
     locked meanwhile (see kdforge.engine.run_folder for what --overwrite and --resume accept)."""
+    if cfg.data.train_select and (cfg.teacher is None or cfg.method.name == "scratch"):
+        raise ConfigError(f"data.train_select: the teacher chooses the training samples, and this run has none "
+                          f"({'no teacher section' if cfg.teacher is None else 'method scratch'}); set "
+                          "data.train_select: null, or distil with a teacher")
     with open_run_folder(expand_path(cfg.out_dir), cfg.name, resume=resume, overwrite=overwrite) as folder:
         return _run_in(folder, cfg, resume=resume, eval_teacher=eval_teacher)
 
@@ -87,14 +92,20 @@ def _run_in(folder: RunFolder, cfg: RunConfig, *, resume: bool, eval_teacher: bo
     if resume:  # the saved config is the resolved one: compare once num_classes is filled in
         folder.check_resume_config(cfg.to_dict())
     save_config(cfg, run_dir / "config.yaml")  # the resolved config, num_classes included
-    _save_sample_grid(data.train, run_dir / "samples.png")
     evaluator, monitor, mode = _evaluator(cfg)
     student = build_model_from_config(cfg.student, role="student")
     teacher, teacher_metrics = None, None
     if use_teacher:
         teacher = build_model_from_config(cfg.teacher, role="teacher")
-        if eval_teacher:
-            teacher_metrics = _cached_teacher_eval(run_dir, cfg, teacher, data.val, evaluator)
+        if cfg.data.train_select:  # the teacher picks the training samples (OOD subset), cached per teacher
+            from kdforge.data.build import select_train
+            from kdforge.engine.trainer import resolve_device
+
+            data = select_train(data, cfg.data, teacher, seed=cfg.seed, device=resolve_device(cfg.train.device),
+                                progress=print if cfg.train.progress else None)
+    _save_sample_grid(data.train, run_dir / "samples.png")
+    if use_teacher and eval_teacher:
+        teacher_metrics = _cached_teacher_eval(run_dir, cfg, teacher, data.val, evaluator)
     result = distill(student, teacher, data.train, method=method, val_loader=data.val, run_dir=run_dir,
                      resume=resume, seed=cfg.seed, train=cfg.train, method_options=cfg.method.kwargs,
                      evaluator=evaluator, monitor=monitor, mode=mode, config_dict=cfg.to_dict())

@@ -6,7 +6,9 @@ prepared again; when the source is absent, the committed cache is used as it is.
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,7 +64,8 @@ def load_splits(cfg: Any) -> tuple[Any, Any]:
     """The decoded train and val splits named by a DataConfig. Training data comes from `train_name`
     (`train_source`) when set, e.g. out-of-domain images, while `name` is only evaluated."""
     train_name = cfg.train_name or cfg.name
-    train_source, train_options = (cfg.train_source, {}) if cfg.train_name else (cfg.source, cfg.options)
+    train_source, train_options = ((cfg.train_source, cfg.train_options) if cfg.train_name
+                                   else (cfg.source, cfg.options))
     return (_load_split(cfg, train_name, train_source, train_options, cfg.train_split, "train"),
             _load_split(cfg, cfg.name, cfg.source, cfg.options, cfg.val_split, "test"))
 
@@ -72,11 +75,50 @@ def _num_groups(*datasets: Any) -> int | None:
     return int(max(int(c.max()) for c in cols)) + 1 if cols else None
 
 
-def build_loaders(cfg: Any, *, seed: int = 0, sampler: Any = None) -> DataBundle:
-    """Train and val BatchLoaders for a DataConfig; `sampler` (e.g. GroupClassBalancedSampler) orders train."""
+def _train_loader(cfg: Any, train: Any, seed: int, sampler: Any, groups: int | None) -> Any:
     from kdforge.data.loader import BatchLoader
     from kdforge.data.transforms import BatchAugment
 
+    if sampler is None and len(train) < cfg.batch_size:
+        raise ValueError(
+            f"dataset {cfg.train_name or cfg.name!r} split {cfg.train_split!r} has {len(train)} samples"
+            f"{' selected' if getattr(cfg, 'train_select', None) else ''}, fewer than batch_size="
+            f"{cfg.batch_size}; training drops the last incomplete batch, so an epoch would have no batches: "
+            f"lower data.batch_size (or raise data.train_subset)"
+        )
+    augment = BatchAugment(crop_pad=cfg.crop_pad, flip=cfg.flip, resize=cfg.resize)
+    return BatchLoader(train, cfg.batch_size, shuffle=True, drop_last=True, augment=augment, mean=cfg.mean,
+                       std=cfg.std, seed=seed, sampler=sampler, num_groups=groups)
+
+
+def _data_free_bundle(cfg: Any, seed: int) -> DataBundle:
+    """`data.data_free_steps`: no training data (DAFL, DFAD make their inputs). The train loader is
+    DataFree(data_free_steps, batch_size), carrying the val data's shape, class count and mean/std; the val
+    loader is `name`'s as usual."""
+    from kdforge.data.combined import DataFree
+    from kdforge.data.loader import BatchLoader
+    from kdforge.data.transforms import BatchAugment
+
+    val = _subset(_load_split(cfg, cfg.name, cfg.source, cfg.options, cfg.val_split, "test"), cfg.val_subset, 1)
+    groups = _num_groups(val)
+    val_loader = BatchLoader(val, cfg.eval_batch_size, shuffle=False, drop_last=False, mean=cfg.mean, std=cfg.std,
+                             seed=seed, augment=BatchAugment(resize=cfg.resize), num_groups=groups)
+    h, w = (cfg.resize, cfg.resize) if cfg.resize else val.image_size
+    train = DataFree(cfg.data_free_steps, cfg.batch_size, image_shape=(3, h, w), num_classes=val.num_classes,
+                     mean=tuple(cfg.mean), std=tuple(cfg.std))
+    return DataBundle(train, val_loader, val.num_classes, list(val.classes), (3, h, w), groups)
+
+
+def build_loaders(cfg: Any, *, seed: int = 0, sampler: Any = None) -> DataBundle:
+    """Train and val BatchLoaders for a DataConfig; `sampler` (e.g. GroupClassBalancedSampler) orders train.
+
+    `data.train_select` is not applied here, as it needs the teacher: `select_train` does it (run_recipe calls
+    it once the teacher is built)."""
+    from kdforge.data.loader import BatchLoader
+    from kdforge.data.transforms import BatchAugment
+
+    if getattr(cfg, "data_free_steps", None):
+        return _data_free_bundle(cfg, seed)
     if sampler is None and getattr(cfg, "sampler", None):
         from kdforge.data.samplers import build_sampler
 
@@ -86,16 +128,8 @@ def build_loaders(cfg: Any, *, seed: int = 0, sampler: Any = None) -> DataBundle
     if train.num_classes < 2:
         warnings.warn(f"dataset {cfg.name!r} ({cfg.train_split}) has one class ({train.classes[0]!r}): "
                       "its top-1 accuracy is 100 % whatever the model; check data.source", stacklevel=2)
-    if sampler is None and len(train) < cfg.batch_size:
-        raise ValueError(
-            f"dataset {cfg.name!r} split {cfg.train_split!r} has {len(train)} samples, fewer than batch_size="
-            f"{cfg.batch_size}; training drops the last incomplete batch, so an epoch would have no batches: "
-            f"lower data.batch_size (or raise data.train_subset)"
-        )
     groups = _num_groups(train, val)  # one count for both, so train and val per-group metrics line up
-    augment = BatchAugment(crop_pad=cfg.crop_pad, flip=cfg.flip, resize=cfg.resize)
-    train_loader = BatchLoader(train, cfg.batch_size, shuffle=True, drop_last=True, augment=augment,
-                               mean=cfg.mean, std=cfg.std, seed=seed, sampler=sampler, num_groups=groups)
+    train_loader = _train_loader(cfg, train, seed, sampler, groups)
     val_loader = BatchLoader(val, cfg.eval_batch_size, shuffle=False, drop_last=False, mean=cfg.mean, std=cfg.std,
                              seed=seed, augment=BatchAugment(resize=cfg.resize), num_groups=groups)
     h, w = (cfg.resize, cfg.resize) if cfg.resize else val.image_size
@@ -104,3 +138,34 @@ def build_loaders(cfg: Any, *, seed: int = 0, sampler: Any = None) -> DataBundle
                          f"({cfg.name}) are {val.image_size}: set data.resize to give both one size")
     # the class count is the evaluated task's: a student trained on OOD data still predicts `name`'s classes
     return DataBundle(train_loader, val_loader, val.num_classes, list(val.classes), (3, h, w), groups)
+
+
+def select_train(bundle: DataBundle, cfg: Any, teacher: Any, *, seed: int = 0, device: Any = "cpu",
+                 progress: Callable[[str], None] | None = None) -> DataBundle:
+    """`bundle` with its train loader over the part of the train split that `cfg.train_select` keeps.
+
+    The teacher (frozen, eval) rates the whole train split (train_name's pool when set) as training will show
+    it (data.mean, data.std, data.resize) and kdforge.data.ood picks the samples: `{rule: entropy, k: N}` or
+    `{rule: balanced, per_class: N}`. A prepared pool's teacher outputs are cached (see
+    kdforge.data.ood.select_ood_subset); a generated (synthetic) one is rated again each time. The selection
+    comes first, then `train_subset` (a fixed random subset of the selected samples). The val loader, class
+    count and groups stay as they are. Without `train_select` the bundle is returned unchanged.
+    """
+    if not getattr(cfg, "train_select", None):
+        return bundle
+    from kdforge.data.ood import RULES, select_from_data, select_ood_subset
+
+    spec = dict(cfg.train_select)
+    name = cfg.train_name or cfg.name
+    pool, _ = load_splits(cfg)  # the whole train split again (bundle.train may hold a train_subset of it)
+    common = {"device": device, "batch_size": cfg.eval_batch_size, "mean": cfg.mean, "std": cfg.std,
+              "resize": cfg.resize, "progress": progress}
+    if name == "synthetic":  # generated in memory: no preparation to key a cache by
+        indices = select_from_data(pool, teacher, spec, **common)
+    else:
+        size_key = RULES[spec["rule"]]
+        indices = select_ood_subset(name, teacher, rule=spec["rule"], root=expand_path(cfg.root),
+                                    split=cfg.train_split, **{size_key: spec[size_key]}, **common)
+    train = _subset(pool.subset(indices.numpy()), cfg.train_subset, 0)
+    loader = _train_loader(cfg, train, seed, bundle.train.sampler, bundle.num_groups)
+    return dataclasses.replace(bundle, train=loader)

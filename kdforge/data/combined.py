@@ -91,14 +91,25 @@ class CombinedLoader:
 
 
 class DataFree:
-    """`steps` batches an epoch of `{"batch_size": B, "step": i}`, for methods that synthesise their inputs."""
+    """`steps` batches an epoch of `{"batch_size": B, "step": i}`, for methods that synthesise their inputs.
+
+    The optional facts are those of the data the method stands in for (what a BatchLoader says of its own), so
+    `kdforge.distill` can give the method the input shape, class count and normalisation of the task:
+    `DataFree(120, 256, image_shape=(3, 32, 32), num_classes=10, mean=..., std=...)`.
+    """
 
     deterministic = True
 
-    def __init__(self, steps: int, batch_size: int) -> None:
+    def __init__(self, steps: int, batch_size: int, *, image_shape: tuple[int, ...] | None = None,
+                 num_classes: int | None = None, mean: tuple[float, ...] | None = None,
+                 std: tuple[float, ...] | None = None) -> None:
         if steps < 1 or batch_size < 1:
             raise ValueError(f"DataFree needs steps >= 1 and batch_size >= 1, got {steps}, {batch_size}")
         self.steps, self.batch_size = int(steps), int(batch_size)
+        self.image_shape = tuple(image_shape) if image_shape is not None else None
+        self.num_classes = num_classes
+        self.mean = tuple(mean) if mean is not None else None
+        self.std = tuple(std) if std is not None else None
 
     def __len__(self) -> int:
         return self.steps

@@ -174,15 +174,20 @@ def make_synthetic(
     seed: int = 0,
     *,
     group_bias: float = 0.8,
+    class_offset: int = 0,
 ) -> dict[str, DecodedData]:
     """`{"train", "test"}` splits of the generated dataset; deterministic in `seed`, classes balanced.
 
     `group_bias` is the train-split correlation of greyscale with the second half of the classes (0.5: none).
-    Class names read "shape-hue-texture".
+    Class names read "shape-hue-texture". `class_offset` k draws classes k .. k + num_classes - 1 of the class
+    table instead (labelled 0 .. num_classes - 1): another family of patterns made of the same shapes, hues and
+    textures, e.g. out-of-domain data for a teacher of the first ten (MosaicKD's demo).
     """
     if size < 8:
         raise ValueError(f"synthetic images need size >= 8, got {size}")
-    table = class_table(num_classes)
+    if class_offset < 0:
+        raise ValueError(f"synthetic class_offset must be >= 0, got {class_offset}")
+    table = class_table(num_classes + class_offset)[class_offset:]
     return {
         "train": _split(n_train, table, size, seed, 0, group_bias),
         "test": _split(n_test, table, size, seed, 1, None),

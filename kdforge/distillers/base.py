@@ -10,7 +10,8 @@ The Trainer only ever calls:
     scaler and clipping, and return those losses detached (logged only);
   - `training_step(batch)` -> dict of named losses;
   - `networks()` -> the trained networks by name, for checkpoints, evaluation, reports and export;
-    `predict(batch)` is what the evaluator scores.
+    `predict(batch)` is what the evaluator scores;
+  - `epoch_snapshot()` -> images and values to keep at each epoch's end (a generator's samples).
 Intermediate features are taken by module name with forward hooks (`FeatureTaps`), so any model works.
 """
 from __future__ import annotations
@@ -348,6 +349,12 @@ class Distiller(nn.Module):
     def train_sampler(self) -> Any | None:
         """A sampler the train loader should draw epochs with (e.g. group-and-class balanced), or None."""
         return None
+
+    def epoch_snapshot(self) -> dict[str, Any]:
+        """What the method shows of itself at the end of every epoch, by name: (N, C, H, W) tensors in [0, 1] are
+        saved as image grids (run_dir/samples/<name>_epoch<E>.png, e.g. a generator's samples), anything else is
+        logged in the epoch record. Must not draw from the global RNG (use fixed codes) or train anything."""
+        return {}
 
 
 def _to_device(tree: Any, device: torch.device) -> Any:

@@ -222,6 +222,7 @@ class Trainer:
                                   "stage": distiller.stage, **self._lrs(),
                                   "epoch_time_s": time.perf_counter() - self.t0}
         record.update({f"train_{k}": float(v) / max(1, self.n_done) for k, v in self.sums.items()})
+        record.update(self._snapshot(distiller, epoch))
         if val_loader is not None and ((epoch + 1) % max(1, cfg.eval_every) == 0 or epoch + 1 == cfg.epochs):
             metrics = self.evaluate(distiller, val_loader)
             record.update({f"val_{k}": v for k, v in metrics.items()})
@@ -232,6 +233,28 @@ class Trainer:
         self.logger.log(record)
         self.pos.update(epoch=epoch + 1, batch=0, stage=stage_idx + stage_done)
         self._save(distiller, dict(self.pos), mid_epoch=False)
+
+    def _snapshot(self, distiller, epoch: int) -> dict[str, Any]:
+        """Save the method's epoch images as grids under samples/; return its other values for the record."""
+        was_training = distiller.training
+        distiller.eval()
+        try:
+            snap = distiller.epoch_snapshot()
+        finally:
+            distiller.train(was_training)
+        values = {}
+        for name, v in snap.items():
+            if isinstance(v, torch.Tensor) and v.dim() == 4:
+                if self.run_dir is not None:
+                    from torchvision.utils import save_image  # only methods with images need torchvision here
+
+                    folder = Path(self.run_dir) / "samples"
+                    folder.mkdir(parents=True, exist_ok=True)
+                    save_image(v.detach().float().cpu().clamp(0, 1), folder / f"{name}_epoch{epoch + 1:03d}.png",
+                               nrow=8, padding=1)
+            else:
+                values[name] = v.tolist() if isinstance(v, torch.Tensor) else v
+        return values
 
     def _result(self, distiller, val_loader: Iterable | None, *, stopped_early: bool = False) -> FitResult:
         if stopped_early:

@@ -3,7 +3,7 @@
 Importing this package registers every model in ``MODELS`` and the ``torchvision:`` / ``timm:`` resolvers.
 """
 
-from kdforge.models import cifar_resnet, mfd_cnn, torchvision_nets, wrn  # noqa: F401  (registration)
+from kdforge.models import cifar_resnet, gan, mfd_cnn, torchvision_nets, wrn  # noqa: F401  (registration)
 from kdforge.models.external import build_model, import_factory
 from kdforge.models.weights import load_weights
 from kdforge.registry import MODELS

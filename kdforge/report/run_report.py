@@ -188,6 +188,52 @@ def _group_accuracy_charts(summary: dict[str, Any], run_dir: Path) -> list[str]:
     return lines
 
 
+def _epoch_samples(run_dir: Path) -> list[str]:
+    """The method's image grids from samples/<name>_epoch<E>.png (Distiller.epoch_snapshot): first, middle and last
+    epoch of each name."""
+    grids: dict[str, list[tuple[int, str]]] = {}
+    for f in sorted((run_dir / "samples").glob("*_epoch[0-9][0-9][0-9].png")) if (run_dir / "samples").is_dir() else []:
+        name, epoch = f.stem.rsplit("_epoch", 1)
+        grids.setdefault(name, []).append((int(epoch), f"samples/{f.name}"))
+    lines: list[str] = []
+    for name, shots in grids.items():
+        picks = list(dict.fromkeys([shots[0], shots[len(shots) // 2], shots[-1]]))
+        epochs = ", ".join(str(e) for e, _ in picks)
+        lines += [f"`{name}` over training (epochs {epochs}; every epoch in samples/):", "",
+                  " ".join(f"![{name} epoch {e}]({rel})" for e, rel in picks), ""]
+    return lines
+
+
+def _epoch_histograms(history: list[dict[str, Any]], run_dir: Path) -> list[str]:
+    """A bar chart per `*_hist` value of the epoch records (e.g. the teacher's class histogram on a generator's
+    samples): first and last epoch side by side."""
+    names = list(dict.fromkeys(k for h in history for k, v in h.items() if k.endswith("_hist") and isinstance(v, list)))
+    lines: list[str] = []
+    for name in names:
+        seen = [(h.get("epoch"), h[name]) for h in history if isinstance(h.get(name), list)]
+        picks = list(dict.fromkeys([0, len(seen) - 1]))
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(6, 2.6))
+        ax = fig.subplots()
+        width = 0.8 / len(picks)
+        for j, i in enumerate(picks):
+            epoch, counts = seen[i]
+            ax.bar([c + j * width for c in range(len(counts))], counts, width, label=f"epoch {epoch}")
+        ax.set_xlabel("class")
+        ax.set_ylabel("count")
+        ax.set_title(name.replace("_", " "))
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(run_dir / f"{name}.png", dpi=110)
+        last = seen[-1][1]
+        total = sum(last) or 1
+        lines += [f"`{name}` (epoch {seen[-1][0]}: the most frequent class holds {100 * max(last) / total:.1f} %, "
+                  f"{sum(1 for c in last if c)} of {len(last)} classes present; every epoch in metrics.jsonl):", "",
+                  f"![{name}]({name}.png)", ""]
+    return lines
+
+
 def _monitor_line(summary: dict[str, Any], history: list[dict[str, Any]]) -> str:
     mon = summary["monitor"]
     name, label = mon["name"], metric_label(mon["name"])
@@ -264,6 +310,7 @@ def write_run_report(run_dir: str | Path, cfg: Any, result: Any, *, monitor: str
         lines += ["## Per epoch", ""] + _per_epoch_table(history) + [""]
     if plot is not None:
         lines += ["![training curves](curves.png)", ""]
+    lines += _epoch_samples(run_dir) + _epoch_histograms(history, run_dir)
     if (run_dir / "tsne.png").exists():
         lines += ["t-SNE of penultimate features, coloured by class and by group:", "", "![t-SNE](tsne.png)", ""]
     if (run_dir / "samples.png").exists():

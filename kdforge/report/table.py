@@ -29,7 +29,7 @@ from kdforge.report.common import (
 
 # data settings that change only the training inputs: the teacher's validation numbers do not depend on them
 _TRAIN_ONLY_DATA = ("root", "eval_batch_size", "batch_size", "crop_pad", "flip", "train_split", "train_subset",
-                    "train_name", "train_source")
+                    "train_name", "train_source", "train_options", "train_select", "data_free_steps")
 _MAX_LABEL_OPTIONS = 4
 
 

@@ -7,7 +7,9 @@
     tiny-imagenet-200/val/val_annotations.txt        file<TAB>wnid<TAB>x0<TAB>y0<TAB>x1<TAB>y1
 
 The unlabelled test split is skipped. Splits that are absent (the shared copy has only val) are left out.
-Some images are greyscale JPEGs; they are decoded to RGB.
+Some images are greyscale JPEGs; they are decoded to RGB. Option `size` (e.g. 32) resizes every image
+(antialiased bilinear) while decoding, so the cache holds CIFAR-sized images: an out-of-domain pool for a
+CIFAR teacher (`kdforge prepare tiny_imagenet --source ... --option size=32`; recipes: `data.train_options`).
 """
 from __future__ import annotations
 
@@ -35,10 +37,17 @@ def _kind(rel: str) -> str | None:
 
 
 def read_tiny_imagenet(
-    source: str | Path, *, name: str = "tiny_imagenet", workers: int | None = None
+    source: str | Path, *, name: str = "tiny_imagenet", size: int | tuple[int, int] | None = None,
+    workers: int | None = None,
 ) -> dict[str, DecodedData]:
-    """Decode Tiny-ImageNet into `{"train", "val"}` (the splits present); classes in wnids.txt order."""
+    """Decode Tiny-ImageNet into `{"train", "val"}` (the splits present); classes in wnids.txt order.
+
+    `size` (int or (H, W)): the output size, default the source's (64 x 64).
+    """
     path = check_source(source)
+    hw = (int(size), int(size)) if isinstance(size, int) else (tuple(int(s) for s in size) if size else None)
+    if hw is not None and min(hw) < 1:
+        raise ValueError(f"tiny_imagenet: size must be a positive side (or (H, W)), got {size!r}")
     texts: dict[str, str] = {}
 
     def images_only():  # text files are kept aside while the images stream to the decoder
@@ -48,7 +57,7 @@ def read_tiny_imagenet(
             else:
                 yield rel, data
 
-    names, images = decode_stream(images_only(), where=str(path), workers=workers)
+    names, images = decode_stream(images_only(), where=str(path), size=hw, workers=workers)
     if "wnids.txt" not in texts:
         raise FileNotFoundError(f"Tiny-ImageNet source {path} has no wnids.txt (tiny-imagenet-200/wnids.txt)")
     wnids = [w.strip() for w in texts["wnids.txt"].splitlines() if w.strip()]
