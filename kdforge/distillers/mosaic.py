@@ -5,7 +5,8 @@ to compose OOD-like patches into images the teacher finds in-domain, a patch dis
 real, and the student is distilled on them and on the real OOD images, in a min-max game where G seeks samples on
 which teacher and student disagree. Each training step (one OOD batch, split into `student_steps` chunks):
   1. D:  local_weight * (BCE(D(real chunk 0), 1) + BCE(D(G(z)), 0)) / 2, G(z) detached   [skipped if local_weight 0]
-  2. G:  on the same G(z): adv * -KL(t || s) + align * H(t) + local * BCE(D(G(z)), 1) + balance * sum p log2 p
+  2. G:  on the same G(z): adv * -KL(t || s) (at T = 1, whatever `temperature`, as the official code)
+         + align * H(t) + local * BCE(D(G(z)), 1) + balance * sum p log2 p
   3. student, `student_steps` times: fresh z, G(z) without grad, concatenated with the next real chunk;
      loss T^2 KL(teacher || student) at `temperature` (Hinton KD, the official code's direction).
 Three optimisers: "generator" and "discriminator" Adam(generator_lr, (0.5, 0.999)) with `generator_schedule`
@@ -104,7 +105,7 @@ class MosaicKD(GeneratorDistiller):
                 t_logits, _ = self.run_teacher(batch, fake, grad=True)
                 s_logits = self.student(fake)
                 d_logits = self.discriminator(fake) if w["local_weight"] else None
-                terms = generator_terms(t_logits, s_logits, d_logits, temperature=self.temperature, **w)
+                terms = generator_terms(t_logits, s_logits, d_logits, temperature=1.0, **w)  # as the code
             self.optimizer_step("generator", sum(terms.values()))
         out.update({k: v.detach() for k, v in terms.items()})
 

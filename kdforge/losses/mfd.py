@@ -81,10 +81,11 @@ def mfd_loss(
     lambda / 2 (lambda = 3 for CIFAR-10S and UTKFace, 7 for CelebA). Features are flattened per sample; the
     teacher's are detached here.
 
-    Computation: no loop over cells. Each class's samples go to one zero-padded row of a (C, M) grid (M the largest
-    class count), so K(T,T), K(S,S) and K(T,S) are batches of C (M, M) blocks, about B^2 / C entries each rather
-    than B^2; every cell is a weight vector over its class's row (1 / n_{y,a} on its members) and Eq. 6's means
-    are quadratic forms w^T K v. Costs one host sync (the label checks and M). Runs in float32 or better with
+    Computation: no loop over cells. Each class's teacher and student samples go to one zero-padded row of a
+    (C, 2M) grid (M the largest class count), so one kernel holds K(T,T), K(T,S) and K(S,S) as a batch of C (2M, 2M)
+    blocks, about 4 B^2 / C entries rather than 4 B^2; every cell is a weight vector u = [w; -v] over its class's
+    row (w the class target's weights, v = 1 / n_{y,a} on the cell's members) and Eq. 6 is the one quadratic form
+    u^T K u. Costs one host sync (the label checks and M). Runs in float32 or better with
     autocast off: exp of differences of large squared distances is meaningless in 16-bit.
 
     Kernels (`kernel`):
@@ -159,21 +160,21 @@ def mfd_loss(
             mean_dot = -(t_mean - s_mean).pow(2).sum() / 4  # mean(t).mean(s) after centring: -|mean(t)|^2
 
         # Kernels are only needed within a class, so each class's samples go to one zero-padded row of a (C, M)
-        # grid, M the largest class count, and every Gram matrix is a batch of C (M, M) blocks: about B^2 / C
-        # entries instead of B^2. Padding slots get zero weight everywhere.
+        # grid, M the largest class count, teacher slots first and student slots after: every kernel is a batch of
+        # C (2M, 2M) blocks, about 4 B^2 / C entries instead of 4 B^2. Padding slots get zero weight everywhere.
         slot = labels * m + rank
-        t_g, s_g = (x.new_zeros(num_classes * m, x.shape[1]).index_copy(0, slot, x).view(num_classes, m, -1)
-                    for x in (t, s))
-        g_tt, g_ss, g_ts = t_g @ t_g.transpose(1, 2), s_g @ s_g.transpose(1, 2), t_g @ s_g.transpose(1, 2)
+        both = torch.cat([t, s], dim=0)
+        where = torch.cat([slot + labels * m, slot + labels * m + m])  # class y's row starts at 2 M y
+        x = both.new_zeros(num_classes * 2 * m, both.shape[1]).index_copy(0, where, both).view(num_classes, 2 * m, -1)
+        gram = x @ x.transpose(1, 2)  # (C, 2M, 2M): [[TT, TS], [ST, SS]]
         if kernel == "poly":
-            k_tt, k_ss, k_ts = g_tt.pow(2), g_ss.pow(2), g_ts.pow(2)
-        else:  # squared distances; |x_i|^2 come free from the Gram diagonals
-            sq_t, sq_s = g_tt.diagonal(dim1=1, dim2=2), g_ss.diagonal(dim1=1, dim2=2)
-            d_tt = (sq_t.unsqueeze(2) + sq_t.unsqueeze(1) - 2.0 * g_tt).clamp_min(_EPS)
-            d_ss = (sq_s.unsqueeze(2) + sq_s.unsqueeze(1) - 2.0 * g_ss).clamp_min(_EPS)
-            d_ts = (sq_t.unsqueeze(2) + sq_s.unsqueeze(1) - 2.0 * g_ts).clamp_min(_EPS)
+            k = gram.pow(2)
+        else:  # squared distances; |x_i|^2 come free from the Gram diagonal
+            sq = gram.diagonal(dim1=1, dim2=2)
+            d = (sq.unsqueeze(2) + sq.unsqueeze(1) - 2.0 * gram).clamp_min(_EPS)
 
-        # Cell membership on the grid, and the weights that turn Eq. 6's means into quadratic forms.
+        # Cell membership on the grid, and the weights that turn Eq. 6 into ONE quadratic form per cell:
+        # D^2 = w'K_TT w + v'K_SS v - 2 w'K_TS v = u'K u with u = [w; -v] over the stacked slots.
         one_g = F.one_hot(groups, num_groups).to(dtype)
         member = one_g.new_zeros(num_classes * m, num_groups).index_copy(0, slot, one_g)
         member = member.view(num_classes, m, num_groups).transpose(1, 2)  # (C, G, M)
@@ -185,24 +186,21 @@ def mfd_loss(
             w = in_class / n_class.clamp_min(1).unsqueeze(1)  # 1 / n_y
         else:  # the mean of the present groups' cell weights
             w = v.sum(dim=1) / (n_cell > 0).sum(dim=1).clamp_min(1).unsqueeze(1)
-        w = w.unsqueeze(1)  # (C, 1, M): the class target, shared by the class's cells
+        u = torch.cat([w.unsqueeze(1).expand(-1, num_groups, -1), -v], dim=2)  # (C, G, 2M)
 
         if kernel == "rbf":
             with torch.no_grad():
                 if bandwidth == "batch":
                     # mean |t|^2 + mean |s|^2 - 2 mean(t).mean(s): all three terms >= 0 after centring, so nothing
                     # cancels (the padding's |x|^2 is 0).
-                    bw = ((sq_t.sum() + sq_s.sum()) / n - 2.0 * mean_dot).clamp_min(_EPS)
+                    bw = (sq.sum() / n - 2.0 * mean_dot).clamp_min(_EPS)
                     scale = -1.0 / (2.0 * sigma * bw)
                 else:  # mean |t - s|^2 over the (class-y teacher, cell (y, a) student) pairs
                     pairs = n_class.unsqueeze(1) * n_cell
-                    bw = _quad(in_class.unsqueeze(1), d_ts, member) / pairs.clamp_min(1)
+                    bw = _quad(in_class.unsqueeze(1), d[:, :m, m:], member) / pairs.clamp_min(1)
                     bw = torch.where(pairs > 0, bw.clamp_min(_EPS), torch.ones_like(bw))  # empty cells: unused
                     scale = (-1.0 / (2.0 * sigma * bw))[..., None, None]  # (C, G, 1, 1): one kernel per cell
-                    w = w.expand(-1, num_groups, -1)
-            if bandwidth == "cell":
-                d_tt, d_ss, d_ts = d_tt.unsqueeze(1), d_ss.unsqueeze(1), d_ts.unsqueeze(1)
-            k_tt, k_ss, k_ts = (d_tt * scale).exp(), (d_ss * scale).exp(), (d_ts * scale).exp()
+            k = ((d.unsqueeze(1) if bandwidth == "cell" else d) * scale).exp()
 
-        d2 = _quad(w, k_tt, w) + _quad(v, k_ss, v) - 2.0 * _quad(w, k_ts, v)  # (C, G): Eq. 6 for every cell
+        d2 = _quad(u, k, u)  # (C, G): Eq. 6 for every cell
         return (d2 * (n_cell > 0).to(dtype)).sum()

@@ -2,8 +2,6 @@
 Knowledge Distillation from Out-of-Domain Data"), as pure functions of logits."""
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -71,7 +69,3 @@ def generator_terms(teacher_logits: Tensor, student_logits: Tensor, disc_logits:
         out["balance"] = balance_weight * class_balance(teacher_logits)
     return out
 
-
-def uniform_balance(num_classes: int) -> float:
-    """The balance term's floor, -log2(C) bits: a reference line for its curve."""
-    return -math.log2(num_classes)
