@@ -108,14 +108,17 @@ def split_options(options: dict[str, Any], train: TrainConfig | dict[str, Any] |
     return dataclasses.replace(base, **train_opts), method_opts
 
 
-def _check_models(student: nn.Module, train_loader: Iterable, cfg: TrainConfig) -> None:
-    """Mistakes torch would report from deep inside the first step, named here with their fix."""
+def _check_models(student: nn.Module, train_loader: Iterable, cfg: TrainConfig,
+                  val_loader: Iterable | None = None) -> None:
+    """Mistakes torch would report from deep inside the first step, named here with their fix. The class count
+    the student must cover is the evaluated task's (val_loader's): trained on other data (out-of-domain images
+    with their own labels), it still predicts the evaluated classes."""
     if str(cfg.precision) in ("32", "fp32"):
         odd = {p.dtype for p in student.parameters() if p.is_floating_point() and p.dtype != torch.float32}
         if odd:
             raise TypeError(f"the student ({type(student).__name__}) has {sorted(map(str, odd))} parameters but "
                             "batches are float32: call student.float(), or use train.precision for mixed precision")
-    num_classes = getattr(train_loader, "num_classes", None)
+    num_classes = getattr(val_loader, "num_classes", None) or getattr(train_loader, "num_classes", None)
     try:
         head_name = last_linear(student)
     except ValueError:
@@ -151,7 +154,7 @@ def distill(student: nn.Module, teacher: nn.Module | None, train_loader: Iterabl
     """
     DISTILLERS.get(method)  # an unknown name fails here, with the closest registered ones
     cfg, method_opts = split_options(options, train, method, method_options)
-    _check_models(student, train_loader, cfg)
+    _check_models(student, train_loader, cfg, val_loader)
     if seed is not None:  # before the distiller: its extra modules (regressors, embedders) draw their init
         seed_everything(seed)
     distiller = build_distiller(method, student, teacher, train_loader, **method_opts)

@@ -17,7 +17,9 @@ from typing import Any
 from kdforge.config import load_config
 from kdforge.recipe import run_recipe
 
-STUDENT_STEPS = 4
+# One student step per generator step (the paper: 5): at a demo's few hundred steps the generator needs every
+# update it can get (measured here: 4 student steps per G step reached 43.1 %, 1 reached 56.9 %, KD on OOD 58.8 %)
+STUDENT_STEPS = 1
 BASE: dict[str, Any] = {
     "data": {"name": "synthetic", "synthetic_train": 4000, "synthetic_test": 1000, "synthetic_size": 16,
              "options": {"group_bias": 0.5}, "batch_size": 64, "eval_batch_size": 500, "crop_pad": 2,
@@ -29,8 +31,8 @@ OOD = {"train_name": "synthetic", "train_options": {"class_offset": 10, "group_b
 TEACHER = {"name": "wide_resnet", "depth": 16, "widen_factor": 2}
 STUDENTS = {  # label -> (method section, data overrides)
     "KD on OOD images": ({"name": "kd", "ce_weight": 0.0, "kd_weight": 1.0, "temperature": 4.0}, OOD),
-    # the same student steps and real images: each MosaicKD step splits a 4x batch into 4 student steps
-    "MosaicKD": ({"name": "mosaic", "student_steps": STUDENT_STEPS, "temperature": 1.0,
+    # the same student steps, real images and temperature as KD on OOD, plus as many generated images a step
+    "MosaicKD": ({"name": "mosaic", "student_steps": STUDENT_STEPS, "temperature": 4.0,
                   "generator_options": {"ngf": 32}, "discriminator_options": {"ndf": 32}},
                  {**OOD, "batch_size": 64 * STUDENT_STEPS}),
 }

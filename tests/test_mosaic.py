@@ -209,7 +209,7 @@ def test_every_mosaic_recipe_runs_two_steps_on_generated_data_of_its_shape(path,
         sets += ["data.data_free_steps=3", "data.batch_size=16"]
     else:
         sets += ["data.train_name=synthetic", "data.train_source=null", "data.train_split=train",
-                 "data.train_options={class_offset: 10}",
+                 "data.train_options={class_offset: 10, num_classes: 12}",  # a pool with its own labels
                  f"data.batch_size={40 if cfg.method.name == 'mosaic' else 16}"]
     select = cfg.data.train_select
     if select:  # the same rule, sized for 96 images
