@@ -67,7 +67,8 @@ def row_config(row: str, a: argparse.Namespace, seed: int):
         per_epoch = (POOL if not cfg.data.train_select or cfg.data.train_select.get("rule") == "entropy"
                      else 10 * cfg.data.train_select["per_class"]) // (a.batch * k)
         per_epoch *= k
-    sets.append(f"train.epochs={max(1, math.ceil(a.steps / per_epoch))}")
+    two_stage = cfg.method.name == "fitnet" and cfg.method.kwargs.get("two_stage", True)  # a hint epoch, a KD one
+    sets.append(f"train.epochs={max(2 if two_stage else 1, math.ceil(a.steps / per_epoch))}")
     cfg = load_config(path, sets)
     cfg.name = f"{row}_seed{seed}"
     return cfg

@@ -27,14 +27,22 @@ TEACHER_EPOCHS = 8
 QUICK = {"data": {"synthetic_train": 640, "synthetic_test": 256}, "train_epochs": 1, "teacher_epochs": 1}
 
 
+def demo_config(base: dict[str, Any], name: str, out: Path, method: dict[str, Any], *, progress: bool,
+                quick_data: dict[str, Any] | None = None, epochs: int | None = None,
+                data: dict[str, Any] | None = None, **extra: Any) -> Any:
+    """One demo step's RunConfig: `base` with the step's name, folder, method, data overrides and sections
+    (`extra`: teacher, student, ...); `quick_data` shrinks the generated data for quick runs."""
+    tree = copy.deepcopy(base)
+    tree["data"].update(copy.deepcopy({**(data or {}), **(quick_data or {})}))
+    tree.update({"name": name, "out_dir": str(out), "method": method, **extra})
+    tree["train"] = {**tree["train"], "progress": progress, **({"epochs": epochs} if epochs else {})}
+    return load_config(None, base=tree)
+
+
 def _recipe(name: str, out: Path, method: dict[str, Any], epochs: int, quick: bool, progress: bool,
             **extra: Any) -> Any:
-    tree = copy.deepcopy(DEMO_RECIPE)
-    tree.update({"name": name, "out_dir": str(out), "method": method, **extra})
-    tree["train"] = {**tree["train"], "epochs": epochs, "progress": progress}
-    if quick:
-        tree["data"].update(QUICK["data"])
-    return load_config(None, base=tree)
+    return demo_config(DEMO_RECIPE, name, out, method, progress=progress, epochs=epochs,
+                       quick_data=QUICK["data"] if quick else None, **extra)
 
 
 def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, progress: bool = True) -> str:

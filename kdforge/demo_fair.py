@@ -9,12 +9,11 @@ Every step is an ordinary recipe run through `run_recipe`, so each leaves a full
 """
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
 from typing import Any
 
-from kdforge.config import load_config
+from kdforge.demo import demo_config
 from kdforge.recipe import run_recipe
 
 FAIR_RECIPE: dict[str, Any] = {
@@ -33,13 +32,9 @@ QUICK = {"synthetic_train": 640, "synthetic_test": 256, "epochs": 1}
 
 
 def _recipe(name: str, out: Path, method: dict[str, Any], quick: bool, progress: bool, **extra: Any) -> Any:
-    tree = copy.deepcopy(FAIR_RECIPE)
-    tree.update({"name": name, "out_dir": str(out), "method": method, **extra})
-    tree["train"]["progress"] = progress
-    if quick:
-        tree["data"].update(synthetic_train=QUICK["synthetic_train"], synthetic_test=QUICK["synthetic_test"])
-        tree["train"]["epochs"] = QUICK["epochs"]
-    return load_config(None, base=tree)
+    small = {k: QUICK[k] for k in ("synthetic_train", "synthetic_test")} if quick else None
+    return demo_config(FAIR_RECIPE, name, out, method, progress=progress, quick_data=small,
+                       epochs=QUICK["epochs"] if quick else None, **extra)
 
 
 def run_fair_demo(out: str | Path = "runs/demo/fair", *, quick: bool = False, progress: bool = True) -> str:

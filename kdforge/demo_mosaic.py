@@ -9,12 +9,11 @@ Every step is an ordinary recipe run through `run_recipe`, so each leaves a full
 """
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
 from typing import Any
 
-from kdforge.config import load_config
+from kdforge.demo import demo_config
 from kdforge.recipe import run_recipe
 
 # One student step per generator step (the paper: 5): at a demo's few hundred steps the generator needs every
@@ -41,14 +40,9 @@ QUICK = {"synthetic_train": 512, "synthetic_test": 256, "epochs": 1}
 
 def _recipe(name: str, out: Path, method: dict[str, Any], quick: bool, progress: bool, data: dict[str, Any],
             **extra: Any) -> Any:
-    tree = copy.deepcopy(BASE)
-    tree["data"].update(copy.deepcopy(data))
-    tree.update({"name": name, "out_dir": str(out), "method": method, **extra})
-    tree["train"]["progress"] = progress
-    if quick:
-        tree["data"].update(synthetic_train=QUICK["synthetic_train"], synthetic_test=QUICK["synthetic_test"])
-        tree["train"]["epochs"] = QUICK["epochs"]
-    return load_config(None, base=tree)
+    small = {k: QUICK[k] for k in ("synthetic_train", "synthetic_test")} if quick else None
+    return demo_config(BASE, name, out, method, progress=progress, quick_data=small, data=data,
+                       epochs=QUICK["epochs"] if quick else None, **extra)
 
 
 def run_mosaic_demo(out: str | Path = "runs/demo/mosaic", *, quick: bool = False, progress: bool = True) -> str:
