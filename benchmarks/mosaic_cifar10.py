@@ -60,9 +60,10 @@ def row_config(row: str, a: argparse.Namespace, seed: int):
         sets += ["data.train_name=null", "data.train_source=null", "data.train_split=train", "data.train_options={}",
                  f"data.train_subset={POOL}", "method={name: scratch}"]
         per_epoch = POOL // a.batch
-    elif cfg.method.name in ("dafl", "dfad"):
-        per_epoch = a.steps  # one data-free epoch of a.steps steps
-        sets += [f"data.data_free_steps={a.steps}"]
+    elif cfg.method.name in ("dafl", "dfad"):  # one data-free epoch; DFAD makes student_steps student steps a step
+        per_step = int(cfg.method.kwargs.get("student_steps", 5)) if cfg.method.name == "dfad" else 1
+        per_epoch = math.ceil(a.steps / per_step) * per_step
+        sets += [f"data.data_free_steps={per_epoch // per_step}"]
     else:
         per_epoch = (POOL if not cfg.data.train_select or cfg.data.train_select.get("rule") == "entropy"
                      else 10 * cfg.data.train_select["per_class"]) // (a.batch * k)
