@@ -144,3 +144,19 @@ def test_a_recipe_run_draws_the_tsne_of_penultimate_features(tmp_path):
     run_recipe(cfg)
     assert (tmp_path / "tsne" / "tsne.png").exists()
     assert "tsne.png" in (tmp_path / "tsne" / "report.md").read_text()
+
+
+def test_ad_fitnet_adds_the_one_stage_hint_through_a_trained_regressor(aug_loader):
+    """AD+FitNet (MFD supplement 1.3): CE + KD + hint at once, plus the adversary."""
+    batch = aug_loader.get_batch(0)
+    d = AdversarialDebiasing(tiny_net(1, width=4), tiny_net(2), num_classes=10, num_groups=2, kd_weight=1.0,
+                             hint_weight=2.0, input_shape=(3, 16, 16))
+    d.optimizers = {"adversary": torch.optim.Adam(d.adversary.parameters(), lr=1e-3)}
+    out = d.training_step(batch)
+    assert set(out) == {"ce", "adv", "kd", "hint"}
+    _, (s_feat,) = d.run_student(batch["image"])
+    _, (t_feat,) = d.run_teacher(batch)
+    torch.testing.assert_close(out["hint"], 2.0 * F.mse_loss(d.regressor(s_feat), t_feat))
+    assert "regressor" in d.trainable_modules()
+    with pytest.raises(ValueError, match="hint_weight > 0 \\(AD\\+FitNet\\) need a teacher"):
+        AdversarialDebiasing(tiny_net(1), None, num_classes=10, num_groups=2, hint_weight=1.0)
