@@ -35,6 +35,8 @@ ROWS = {
     "fitnet_tinyimagenet": ("fitnet_resnet20_from_resnet56_tinyimagenet.yaml", "FitNet on OOD, Tiny-ImageNet"),
     "mosaic_tinyimagenet": ("resnet20_from_resnet56_tinyimagenet.yaml", "MosaicKD, Tiny-ImageNet"),
     "kd_utkface": ("kd_resnet20_from_resnet56_utkface.yaml", "KD on OOD, UTKFace"),
+    "balanced_utkface": ("balanced_resnet20_from_resnet56_utkface.yaml", "Balanced, UTKFace"),
+    "fitnet_utkface": ("fitnet_resnet20_from_resnet56_utkface.yaml", "FitNet on OOD, UTKFace"),
     "mosaic_utkface": ("resnet20_from_resnet56_utkface.yaml", "MosaicKD, UTKFace"),
     "dafl": ("dafl_resnet20_from_resnet56.yaml", "DAFL (data-free)"),
     "dfad": ("dfad_resnet20_from_resnet56.yaml", "DFAD (data-free)"),
