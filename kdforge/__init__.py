@@ -1,7 +1,7 @@
 """kdforge: knowledge distillation recipes you can run, trust, compare and extend.
 
-The Python API (`distill`, `train`, `evaluate`, `run_recipe`, `demo`) takes plain nn.Modules and
-loaders; the `kdforge` command is a thin layer over it.
+The Python API (`distill`, `train`, `evaluate`, `run_recipe`, `demo`; `export` and `bench` for deployment)
+takes plain nn.Modules and loaders; the `kdforge` command is a thin layer over it.
 """
 from kdforge import data, distillers, losses, metrics, models  # noqa: F401  (registers everything)
 from kdforge.api import DistillResult, distill, evaluate, load_student, train
@@ -12,8 +12,22 @@ from kdforge.registry import DATASETS, DISTILLERS, EVALUATORS, LOSSES, METRICS, 
 
 __version__ = "0.1.0"
 
+# deployment (kdforge.deploy) is imported on first use: `import kdforge` stays free of onnx and its friends
+_LAZY = {"export": "kdforge.deploy.export", "ExportResult": "kdforge.deploy.export",
+         "ExportError": "kdforge.deploy.diagnose", "bench": "kdforge.deploy.bench",
+         "BenchResult": "kdforge.deploy.bench"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'kdforge' has no attribute {name!r}")
+
+
 __all__ = [
-    "DATASETS", "DISTILLERS", "EVALUATORS", "LOSSES", "METRICS", "MODELS", "DistillResult", "Distiller", "FeatureTaps",
-    "RunConfig", "Stage", "TrainConfig", "distill", "evaluate", "load_config", "load_student", "run_recipe",
-    "train",
+    "DATASETS", "DISTILLERS", "EVALUATORS", "LOSSES", "METRICS", "MODELS", "BenchResult", "DistillResult", "Distiller",
+    "ExportError", "ExportResult", "FeatureTaps", "RunConfig", "Stage", "TrainConfig", "bench", "distill", "evaluate",
+    "export", "load_config", "load_student", "run_recipe", "train",
 ]

@@ -1,4 +1,4 @@
-"""The `kdforge` command: prepare | train | distill | eval | report | demo | list.
+"""The `kdforge` command: prepare | train | distill | eval | report | export | bench | demo | list.
 
 Each verb parses its options and calls one function of the Python API (kdforge.api, kdforge.data,
 kdforge.report); nothing is done here that a script could not do.
@@ -126,6 +126,34 @@ def cmd_report(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(a: argparse.Namespace) -> int:
+    from kdforge.deploy.export import SUFFIX, export
+    from kdforge.deploy.sources import example_input, load_source
+
+    if a.opset is not None and a.format != "onnx":
+        raise ValueError(f"--opset is an ONNX setting; --format {a.format} has none")
+    src = load_source(a.source, network=a.network)
+    example, what = example_input(src.model, src.config, n=a.batch, input_shape=a.input_shape)
+    out = Path(a.out) if a.out else Path("exports") / f"{src.label.replace(':', '_')}{SUFFIX[a.format]}"
+    result = export(src.model, example, out, format=a.format, dynamic_batch=a.dynamic_batch, opset=a.opset,
+                    progress=lambda line: print(f"kdforge export: {line}", file=sys.stderr))
+    print(f"{src.label}: the {src.network} of {src.path}, checked on {what}")
+    print(result.summary())
+    return 0 if result.passed else 1
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    from kdforge.deploy.bench import bench
+
+    result = bench(a.entries, a.data, teachers=a.teachers, threads=a.threads, out=a.out, int8=a.int8,
+                   network=a.network, warmup=a.warmup, repeats=a.repeats, batch_size=a.batch_size,
+                   input_shape=a.input_shape, progress=lambda line: print(line, file=sys.stderr))
+    print(result.table)
+    if result.path:
+        print(f"table: {result.path}" + (f", plot: {result.plot}" if result.plot else ""))
+    return 0
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     from kdforge.demo import run_demo
     from kdforge.demo_fair import run_fair_demo
@@ -233,6 +261,52 @@ def build_parser() -> argparse.ArgumentParser:
                         "metric, else min for loss/error/distance names such as loss, l1, fid)")
     s.add_argument("--out", help="also write the table to this file")
     s.set_defaults(fn=cmd_report)
+
+    s = sub.add_parser("export", help="export a trained network to ONNX, TorchScript or torch.export and check it",
+                       description="Export the student (or --network) of a run folder or checkpoint, load the file "
+                                   "back (ONNX: onnx.checker and ONNX Runtime on the CPU) and compare its outputs "
+                                   "with the eager model's on real test images of the run's data (else a random "
+                                   "input of --input-shape) within 1e-4 + 1e-4 * max|output|. ONNX tries the "
+                                   "torch.export-based exporter, then the legacy TorchScript-based one; "
+                                   "TorchScript tries torch.jit.trace, then torch.jit.script. Exit code 1 when "
+                                   "the outputs differ, 2 when the model cannot be exported (the error names the "
+                                   "operator or line and the formats that would work).")
+    s.add_argument("source", help="a run folder (its checkpoints/last.pt) or a checkpoint file")
+    s.add_argument("--format", choices=["onnx", "torchscript", "torch.export"], default="onnx",
+                   help="default: %(default)s")
+    s.add_argument("--dynamic-batch", action="store_true",
+                   help="a symbolic batch dimension; also checked at batch sizes 1 and 7")
+    s.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    s.add_argument("--network", default="student",
+                   help="which trained network of the checkpoint (student, generator, ...; default: %(default)s)")
+    s.add_argument("--out", help="the file to write (default: exports/<run name>.<onnx|pt|pt2>)")
+    s.add_argument("--input-shape", help="C,H,W of one input when the run's data is not available, e.g. 3,32,32")
+    s.add_argument("--batch", type=int, default=8, help="example batch size (default: %(default)s)")
+    s.set_defaults(fn=cmd_export)
+
+    s = sub.add_parser("bench", help="size, MACs, latency and score of several models side by side",
+                       description="One table row per model: parameters, MACs (FLOPs / 2), ONNX file size, eager "
+                                   "PyTorch and ONNX Runtime CPU latency at batch 1 (median ± IQR/2, ms/image) and "
+                                   "throughput at --batch-size (images/s), GPU where there is one, the evaluator's "
+                                   "main metric on the test split, and ORT / eager. Every CPU backend runs with "
+                                   "--threads threads. Writes the table to --out and a plot of score against "
+                                   "latency beside it.")
+    s.add_argument("entries", nargs="*", help="run folders or checkpoints")
+    s.add_argument("--teacher", dest="teachers", action="append", default=[], metavar="NAME=WEIGHTS",
+                   help="a pretrained model (repeatable), e.g. resnet56=../shared/data/cifar10-resnets/"
+                        "resnet56-4bfd9763.th")
+    s.add_argument("--data", help="a recipe or a prepared dataset name whose test split scores every model "
+                                  "(default: the first run's own data)")
+    s.add_argument("--threads", type=int, default=1, help="CPU threads for every backend (default: %(default)s)")
+    s.add_argument("--out", help="write the Markdown table here (and <stem>.png, <stem>_onnx/ beside it)")
+    s.add_argument("--int8", action="store_true",
+                   help="add an int8 row per model (ONNX Runtime static quantisation, calibrated on training images)")
+    s.add_argument("--network", default="student", help="which network of each run (default: %(default)s)")
+    s.add_argument("--batch-size", type=int, default=64, help="throughput batch size (default: %(default)s)")
+    s.add_argument("--warmup", type=int, default=3, help="untimed calls first (default: %(default)s)")
+    s.add_argument("--repeats", type=int, default=20, help="timed calls per measurement (default: %(default)s)")
+    s.add_argument("--input-shape", help="C,H,W of one input when no data is given, e.g. 3,32,32")
+    s.set_defaults(fn=cmd_bench)
 
     s = sub.add_parser("demo", help="each method's headline story on generated data (about 3 min for all)",
                        description="Generate small image datasets (no download) and run each story end to end. "
