@@ -48,8 +48,10 @@ def _out_shape(model: nn.Module, module_name: str, x: torch.Tensor) -> tuple[int
 # ---------------------------------------------------------------- every registered model
 
 
-# generators and discriminators do not classify: their shapes and gradients are tested in tests/test_mosaic.py
-GAN_PARTS = ("mosaic_generator", "patch_discriminator", "image_discriminator")
+# generators, discriminators and energy nets do not classify: their shapes and gradients are tested in
+# tests/test_mosaic.py and tests/test_vem.py
+GAN_PARTS = ("mosaic_generator", "patch_discriminator", "image_discriminator",
+             "unet_generator", "patchgan_discriminator", "dcgan_generator", "sn_discriminator", "energy_net")
 
 
 @pytest.mark.parametrize("name", [n for n in MODELS.names() if n not in GAN_PARTS])
