@@ -49,8 +49,9 @@ def _ms(vals: list[float]) -> str:
     return f"{statistics.fmean(vals):.2f} ± {statistics.stdev(vals) if len(vals) > 1 else 0.0:.2f}"
 
 
-def row_config(row: str, a: argparse.Namespace, seed: int):
-    """The row's recipe, sized to `a.steps` student steps of `a.batch` real images, with the chosen pair."""
+def row_config(row: str, a: argparse.Namespace, seed: int, extra: tuple[str, ...] = ()):
+    """The row's recipe, sized to `a.steps` student steps of `a.batch` real images, with the chosen pair;
+    `extra` are more --set overrides (the ablations')."""
     path = RECIPES / ROWS[row][0]
     cfg = load_config(path)
     k = int(cfg.method.kwargs.get("student_steps", 1)) if cfg.method.name == "mosaic" else 1
@@ -72,7 +73,7 @@ def row_config(row: str, a: argparse.Namespace, seed: int):
         per_epoch *= k
     two_stage = cfg.method.name == "fitnet" and cfg.method.kwargs.get("two_stage", True)  # a hint epoch, a KD one
     sets.append(f"train.epochs={max(2 if two_stage else 1, math.ceil(a.steps / per_epoch))}")
-    cfg = load_config(path, sets)
+    cfg = load_config(path, [*sets, *extra])
     cfg.name = f"{row}_seed{seed}"
     return cfg
 
