@@ -75,8 +75,16 @@ def _num_groups(*datasets: Any) -> int | None:
     return int(max(int(c.max()) for c in cols)) + 1 if cols else None
 
 
-def _train_loader(cfg: Any, train: Any, seed: int, sampler: Any, groups: int | None) -> Any:
+def _loader_class(name: str) -> Any:
+    """BatchLoader, or the builder's own `loader_class` for data whose samples are not one image (a dataset of
+    side-by-side pairs serves `image` and `target` and must crop and flip them together)."""
     from kdforge.data.loader import BatchLoader
+    from kdforge.registry import DATASETS
+
+    return getattr(DATASETS.get(name), "loader_class", BatchLoader) if name in DATASETS else BatchLoader
+
+
+def _train_loader(cfg: Any, train: Any, seed: int, sampler: Any, groups: int | None) -> Any:
     from kdforge.data.transforms import BatchAugment
 
     if sampler is None and len(train) < cfg.batch_size:
@@ -87,8 +95,9 @@ def _train_loader(cfg: Any, train: Any, seed: int, sampler: Any, groups: int | N
             f"lower data.batch_size (or raise data.train_subset)"
         )
     augment = BatchAugment(crop_pad=cfg.crop_pad, flip=cfg.flip, resize=cfg.resize)
-    return BatchLoader(train, cfg.batch_size, shuffle=True, drop_last=True, augment=augment, mean=cfg.mean,
-                       std=cfg.std, seed=seed, sampler=sampler, num_groups=groups)
+    loader = _loader_class(cfg.train_name or cfg.name)
+    return loader(train, cfg.batch_size, shuffle=True, drop_last=True, augment=augment, mean=cfg.mean,
+                  std=cfg.std, seed=seed, sampler=sampler, num_groups=groups)
 
 
 def _data_free_bundle(cfg: Any, seed: int) -> DataBundle:
@@ -114,7 +123,6 @@ def build_loaders(cfg: Any, *, seed: int = 0, sampler: Any = None) -> DataBundle
 
     `data.train_select` is not applied here, as it needs the teacher: `select_train` does it (run_recipe calls
     it once the teacher is built)."""
-    from kdforge.data.loader import BatchLoader
     from kdforge.data.transforms import BatchAugment
 
     if getattr(cfg, "data_free_steps", None):
@@ -130,9 +138,10 @@ def build_loaders(cfg: Any, *, seed: int = 0, sampler: Any = None) -> DataBundle
                       "its top-1 accuracy is 100 % whatever the model; check data.source", stacklevel=2)
     groups = _num_groups(train, val)  # one count for both, so train and val per-group metrics line up
     train_loader = _train_loader(cfg, train, seed, sampler, groups)
-    val_loader = BatchLoader(val, cfg.eval_batch_size, shuffle=False, drop_last=False, mean=cfg.mean, std=cfg.std,
-                             seed=seed, augment=BatchAugment(resize=cfg.resize), num_groups=groups)
-    h, w = (cfg.resize, cfg.resize) if cfg.resize else val.image_size
+    val_loader = _loader_class(cfg.name)(val, cfg.eval_batch_size, shuffle=False, drop_last=False, mean=cfg.mean,
+                                         std=cfg.std, seed=seed, augment=BatchAugment(resize=cfg.resize),
+                                         num_groups=groups)
+    h, w = val_loader.image_shape[1:]
     if train.image_size != val.image_size and not cfg.resize:
         raise ValueError(f"train images ({cfg.train_name or cfg.name}) are {train.image_size} but val images "
                          f"({cfg.name}) are {val.image_size}: set data.resize to give both one size")

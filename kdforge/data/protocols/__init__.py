@@ -3,12 +3,13 @@
     cifar10s   CIFAR-10 Skewed, grey/colour groups          options: skew, seed, unskewed
     utkface    UTKFace age bins x race, balanced test       options: seed, test_per_cell, age_bins, size
     celeba     CelebA attribute x attribute, balanced test  options: target, group, size, crop, seed
+    utkface_edges  UTKFace edges -> face pairs (pix2pix)    options: size, edges, *_threshold, test_size, seed
 
 Each registers a builder in DATASETS, so `prepare("cifar10s", source, skew=0.9)` and `kdforge prepare` use
 it, and its options join the cache fingerprint. Every split saves `protocol.json` beside its cache
 (`load_protocol(name, split)`), which a run can cite.
 """
-from kdforge.data.protocols import celeba, cifar10s, utkface  # noqa: F401  (register the builders)
+from kdforge.data.protocols import celeba, cifar10s, utkface, utkface_edges  # noqa: F401  (register the builders)
 from kdforge.data.protocols.record import PROTOCOL_FILE, ProtocolData, load_protocol
 
 __all__ = ["PROTOCOL_FILE", "ProtocolData", "load_protocol"]
