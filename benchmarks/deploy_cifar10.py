@@ -49,8 +49,11 @@ def main() -> None:
              f"Models: `resnet56` is the pretrained ResNet-56 teacher and `resnet20` the pretrained ResNet-20 trained "
              f"alone (both the published weights in ../shared/data); the two run folders are ResNet-20s distilled "
              f"from that ResNet-56 by Hinton KD and by one-stage FitNet for {a.epochs} epoch(s) on {a.train_subset} "
-             "CIFAR-10 training images from random weights (the CPU budget: they are far from converged, so their "
-             "accuracy says nothing about the methods). Top-1 on the 10,000 CIFAR-10 JPEG test images. Latency and "
+             "CIFAR-10 training images from random weights, one run each with the recipes' seed "
+             f"{cfg.seed} (the CPU budget: they are far from converged, so their accuracy says nothing about the "
+             "methods; results/cifar10_methods_cpu.md compares methods over seeds). The pretrained rows are fixed "
+             "weights, so no seed applies; every latency is a median over repeats, not over seeds. Top-1 on the "
+             "10,000 CIFAR-10 JPEG test images. Latency and "
              f"throughput on this machine's CPU with {a.threads} thread(s) for every backend, {a.repeats} timed "
              "repeats after warm-up; int8 rows are ONNX Runtime static quantisation calibrated on training images.",
              "", result.table, "",

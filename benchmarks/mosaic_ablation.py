@@ -8,14 +8,13 @@ it (results/mosaic_ablation_<row>.png), when every row runs. Needs ../shared/dat
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 import statistics
 import time
 from pathlib import Path
 
 from _common import publish  # noqa: E402  (benchmarks/ is run as a script folder)
-from mosaic_cifar10 import ROOT, STUDENTS, TEACHERS, _ms, row_config
+from mosaic_cifar10 import ROOT, _ms, pair_options, row_config
 
 from kdforge.recipe import run_recipe
 
@@ -32,12 +31,7 @@ PAPER_C1 = "61.01 / 59.56 / 42.35 / 46.07"  # appendix Table 4, CIFAR-100, WRN-4
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--teacher", default="resnet20", choices=sorted(TEACHERS))
-    ap.add_argument("--student", default="wrn16_1", choices=sorted(STUDENTS))
-    ap.add_argument("--steps", type=int, default=150, help="student steps per run (rounded up to whole epochs)")
-    ap.add_argument("--batch", type=int, default=64, help="real images per student step")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap = pair_options(__doc__, steps=150)
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     ap.add_argument("--out", default="runs/mosaic_ablation")
     ap.add_argument("--results", default=None, help="default: results/mosaic_ablation_cpu.md when every row runs")

@@ -49,6 +49,17 @@ def _ms(vals: list[float]) -> str:
     return f"{statistics.fmean(vals):.2f} ± {statistics.stdev(vals) if len(vals) > 1 else 0.0:.2f}"
 
 
+def pair_options(doc: str | None, steps: int) -> argparse.ArgumentParser:
+    """The options every MosaicKD table takes: the pair, the budget in student steps, the seeds."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teacher", default="resnet20", choices=sorted(TEACHERS))
+    ap.add_argument("--student", default="wrn16_1", choices=sorted(STUDENTS))
+    ap.add_argument("--steps", type=int, default=steps, help="student steps per run (rounded up to whole epochs)")
+    ap.add_argument("--batch", type=int, default=64, help="real images per student step")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    return ap
+
+
 def row_config(row: str, a: argparse.Namespace, seed: int, extra: tuple[str, ...] = ()):
     """The row's recipe, sized to `a.steps` student steps of `a.batch` real images, with the chosen pair;
     `extra` are more --set overrides (the ablations')."""
@@ -79,12 +90,7 @@ def row_config(row: str, a: argparse.Namespace, seed: int, extra: tuple[str, ...
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--teacher", default="resnet20", choices=sorted(TEACHERS))
-    ap.add_argument("--student", default="wrn16_1", choices=sorted(STUDENTS))
-    ap.add_argument("--steps", type=int, default=600, help="student steps per run (rounded up to whole epochs)")
-    ap.add_argument("--batch", type=int, default=64, help="real images per student step")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap = pair_options(__doc__, steps=600)
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     ap.add_argument("--out", default="runs/mosaic_cifar10")
     ap.add_argument("--results", default=None, help="default: results/mosaic_cifar10_cpu.md when every row runs")

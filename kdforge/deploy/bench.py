@@ -28,6 +28,7 @@ from kdforge.deploy.export import ExportResult, export
 from kdforge.deploy.latency import Latency, eager_backend, measure, onnxruntime_backend, ratio
 from kdforge.deploy.parity import with_batch
 from kdforge.deploy.sources import Source, data_config, eval_loader, example_input, load_source, pretrained_source
+from kdforge.models.cost import count_macs as macs_of
 
 EAGER, ORT, GPU = "eager-cpu", "onnxruntime-cpu", "eager-cuda"
 CALIBRATION_IMAGES = 256  # int8: training images that set the activation ranges
@@ -67,15 +68,10 @@ class BenchResult:
 
 
 def count_macs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> int | None:
-    """Multiply-accumulates of one forward pass: FlopCounterMode's FLOPs (2 per multiply-add) halved. It counts
-    convolutions and matrix products, the bulk of a CNN, not elementwise ops; None when counting fails."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+    """kdforge.models.cost.count_macs (FlopCounterMode's FLOPs halved: convolutions and matrix products, not
+    elementwise ops), or None when the model cannot be counted: a bench row shows "-" rather than failing."""
     try:
-        counter = FlopCounterMode(display=False)
-        with counter, torch.no_grad():
-            model(*inputs)
-        return int(counter.get_total_flops()) // 2
+        return macs_of(model, *inputs)
     except Exception:
         return None
 

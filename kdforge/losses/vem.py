@@ -143,6 +143,14 @@ def vem_student_loss(energy: EnergyFn, t: Tensor, s: Tensor, t_tilde: Tensor) ->
 # ---------------------------------------------------------------- generator KD (the baseline)
 
 
+def _check_layers(s: Sequence[Tensor], t: Sequence[Tensor], distance: str, what: str) -> None:
+    """Per-layer losses: as many student as teacher features, at least one, and a known distance."""
+    if len(s) != len(t) or not len(t):
+        raise ValueError(f"{what}: {len(s)} student and {len(t)} teacher features; need the same number, at least one")
+    if distance not in ("mse", "l1"):
+        raise ValueError(f"{what}: distance must be 'mse' or 'l1', got {distance!r}")
+
+
 def _same_shape(a: Tensor, b: Tensor, what: str) -> None:
     if a.shape != b.shape:
         raise ValueError(f"{what}: student {tuple(a.shape)} and teacher {tuple(b.shape)} must have the same shape")
@@ -214,11 +222,7 @@ def feature_mimic_loss(mapped_s: Sequence[Tensor], t: Sequence[Tensor], pool: bo
     D is the mean squared error ("mse", FitNets) or mean absolute error ("l1"); `pool=True` compares channel
     means after global average pooling, OMGD's "channel distillation" (CD) loss. Teacher features are detached.
     """
-    if len(mapped_s) != len(t) or not len(t):
-        raise ValueError(f"feature_mimic_loss: {len(mapped_s)} student and {len(t)} teacher features; need the same "
-                         "number, at least one")
-    if distance not in ("mse", "l1"):
-        raise ValueError(f"feature_mimic_loss: distance must be 'mse' or 'l1', got {distance!r}")
+    _check_layers(mapped_s, t, distance, "feature_mimic_loss")
     total = mapped_s[0].new_zeros(())
     for a, b in zip(mapped_s, t):
         _same_shape(a, b, "feature_mimic_loss")
@@ -241,11 +245,7 @@ def style_loss(s_feats: Sequence[Tensor], t_feats: Sequence[Tensor], distance: s
     """Style (texture) distillation: sum over layers of mean |G(s_l) - G(t_l)| ("l1", OMGD's, weight 1e4 over VGG16
     relu1_2/2_2/3_3/4_3) or the mean squared difference ("mse", Gatys), G the `gram_matrix`, on the features of a
     named feature network run on the student and teacher images. Teacher features are detached."""
-    if len(s_feats) != len(t_feats) or not len(t_feats):
-        raise ValueError(f"style_loss: {len(s_feats)} student and {len(t_feats)} teacher features; need the same "
-                         "number, at least one")
-    if distance not in ("mse", "l1"):
-        raise ValueError(f"style_loss: distance must be 'mse' or 'l1', got {distance!r}")
+    _check_layers(s_feats, t_feats, distance, "style_loss")
     total = s_feats[0].new_zeros(())
     for a, b in zip(s_feats, t_feats):
         _same_shape(a, b, "style_loss")

@@ -26,25 +26,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 from torch.nn.utils.parametrize import register_parametrization
-from torch.utils.flop_counter import FlopCounterMode
 
+from kdforge.models.cost import count_macs  # noqa: F401  (re-exported: the docstrings count with it)
 from kdforge.registry import MODELS
 
 OUTPUTS = ("tanh", "sigmoid", "none")
 NORMS = ("batch", "instance", "none")
-
-
-def count_macs(model: nn.Module, *inputs: torch.Tensor) -> int:
-    """Multiply-accumulates of one forward pass `model(*inputs)`, counted by FlopCounterMode (FLOPs / 2); works on
-    the meta device (shapes only, nothing computed).
-
-    >>> count_macs(nn.Conv2d(3, 8, 3, padding=1), torch.zeros(1, 3, 16, 16))  # 16*16 px * 8 out * 3*3*3
-    55296
-    """
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(*inputs)
-    return counter.get_total_flops() // 2
 
 
 def _scaled(channels: int, width: float) -> int:
