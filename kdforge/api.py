@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdforge.config import ConfigError, TrainConfig, check_kwargs
+from kdforge.config import ConfigError, TrainConfig, check_kwargs, keyword_parameters
 from kdforge.distillers.base import Distiller, last_linear
 from kdforge.engine.checkpoint import seed_everything
 from kdforge.engine.trainer import Trainer, resolve_device, to_batch
@@ -77,8 +77,8 @@ def build_distiller(method: str, student: nn.Module, teacher: nn.Module | None, 
     """Instantiate a registered method, filling the facts it takes about the data (`n_data`, `input_shape`,
     `num_classes`, `num_groups`, `image_mean`, `image_std`) from the loader when the caller did not give them."""
     cls = DISTILLERS.get(method)
-    check_kwargs(cls.__init__, kwargs, f"method {method!r}", also=sorted(_TRAIN_FIELDS))
-    params = inspect.signature(cls.__init__).parameters
+    check_kwargs(cls, kwargs, f"method {method!r}", also=sorted(_TRAIN_FIELDS))
+    params = keyword_parameters(cls) or inspect.signature(cls.__init__).parameters
     facts = {"n_data": "the training-set size", "input_shape": "(C, H, W) of an input",
              "num_classes": "the number of classes", "num_groups": "the number of groups",
              "image_mean": "the per-channel mean images are normalised with",
@@ -98,7 +98,8 @@ def split_options(options: dict[str, Any], train: TrainConfig | dict[str, Any] |
                   method_options: dict[str, Any] | None) -> tuple[TrainConfig, dict[str, Any]]:
     """Tell training settings from method options by name; a name that is both must be passed explicitly."""
     base = train if isinstance(train, TrainConfig) else TrainConfig(**(train or {}))
-    method_params = set(inspect.signature(DISTILLERS.get(method).__init__).parameters)
+    cls = DISTILLERS.get(method)
+    method_params = set(keyword_parameters(cls) or inspect.signature(cls.__init__).parameters)
     clash = sorted(k for k in options if k in _TRAIN_FIELDS and k in method_params)
     if clash:
         raise ConfigError(f"option(s) {clash} name both a training setting and an option of method {method!r}; "
@@ -186,9 +187,10 @@ def _enable_teacher_cache(distiller: Distiller, loader: Iterable) -> None:
     distiller.enable_teacher_cache()
 
 
-def train(model: nn.Module, train_loader: Iterable, **kwargs: Any) -> DistillResult:
-    """Train `model` from scratch with cross-entropy (teachers, baselines); same options as `distill`."""
-    return distill(model, None, train_loader, method="scratch", **kwargs)
+def train(model: nn.Module, train_loader: Iterable, *, method: str = "scratch", **kwargs: Any) -> DistillResult:
+    """Train `model` without a teacher (teachers, baselines): cross-entropy by default, or another teacher-free
+    method (`method="pix2pix"`, `"dcgan"`: `model` is the generator); same options as `distill`."""
+    return distill(model, None, train_loader, method=method, **kwargs)
 
 
 def evaluate(model: nn.Module, loader: Iterable, *, evaluator: str | Callable[..., dict[str, Any]] = "classification",
@@ -204,7 +206,10 @@ def evaluate(model: nn.Module, loader: Iterable, *, evaluator: str | Callable[..
         if isinstance(model, Distiller):
             reference = model.teacher_predict if model.teacher is not None else None
             return evaluator(model.predict, loader, dev, reference=reference, to_batch=to_batch)
-        return evaluator(torch.no_grad()(lambda b: model(b["image"])), loader, dev, to_batch=to_batch)
+        from kdforge.distillers.gan_base import generator_input  # an unconditional generator takes codes
+
+        return evaluator(torch.no_grad()(lambda b: model(generator_input(model, b, train=False))), loader, dev,
+                         to_batch=to_batch)
     finally:
         model.train(was)
 

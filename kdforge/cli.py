@@ -78,9 +78,13 @@ def _prepare_ood_subset(a: argparse.Namespace) -> int:
 def _run(a: argparse.Namespace, scratch: bool) -> int:
     from kdforge.config import load_config
     from kdforge.recipe import run_recipe
+    from kdforge.registry import DISTILLERS
 
-    overrides = list(a.overrides) + (["method.name=scratch"] if scratch else [])
-    cfg = load_config(a.recipe, overrides)
+    cfg = load_config(a.recipe, a.overrides)
+    if scratch and DISTILLERS.get(cfg.method.name).needs_teacher:
+        # `kdforge train` trains without a teacher: a teacher-free method (scratch, pix2pix, dcgan) runs as the
+        # recipe says; any other is replaced by scratch, its options dropped (they are the distiller's)
+        cfg = load_config(a.recipe, [*a.overrides, "method=scratch"])
     result = run_recipe(cfg, resume=a.resume, overwrite=a.overwrite, eval_teacher=not a.no_teacher_eval)
     print((result.run_dir / "report.md").read_text())
     print(f"run folder: {result.run_dir}")
@@ -223,9 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resize", type=int, help="as the recipe's data.resize (default: none)")
     s.set_defaults(fn=cmd_prepare)
 
-    s = sub.add_parser("train", help="train a model from scratch (teachers, baselines) from a recipe",
-                       description="Train the recipe's student with cross-entropy only (method forced to "
-                                   "scratch). " + RECIPE_HELP)
+    s = sub.add_parser("train", help="train a model without a teacher (teachers, baselines) from a recipe",
+                       description="Train the recipe's student without a teacher: a teacher-free method (scratch, "
+                                   "pix2pix, dcgan: a GAN teacher) runs as the recipe says, any other method is "
+                                   "replaced by scratch (cross-entropy only). " + RECIPE_HELP)
     _add_run_options(s)
     s.set_defaults(fn=lambda a: _run(a, scratch=True))
 

@@ -497,20 +497,35 @@ def default_shared_data() -> Path:
     return paths.default_shared_data()
 
 
-def check_kwargs(fn: Callable[..., Any], kwargs: dict[str, Any], what: str, also: Iterable[str] = ()) -> None:
-    """Reject keyword arguments that `fn` does not take, naming them and the closest accepted one.
+def keyword_parameters(fn: Callable[..., Any] | type) -> dict[str, inspect.Parameter] | None:
+    """The keyword parameters `fn` takes, or None when it takes any. A class's are its __init__'s, followed
+    through `**kwargs` handed up to the base classes' __init__ (a VEM method passes the baseline's options
+    on), so subclass options are checked by name too."""
+    classes = [c for c in fn.__mro__ if "__init__" in vars(c)] if isinstance(fn, type) else [None]
+    params: dict[str, inspect.Parameter] = {}
+    for cls in classes:
+        try:
+            sig = inspect.signature(cls.__init__ if cls is not None else fn)
+        except (TypeError, ValueError):
+            return None
+        params.update({n: p for n, p in sig.parameters.items() if n not in params and n != "self"
+                       and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)})
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
+            return params
+    return None
+
+
+def check_kwargs(fn: Callable[..., Any] | type, kwargs: dict[str, Any], what: str, also: Iterable[str] = ()) -> None:
+    """Reject keyword arguments that `fn` (a callable, or a class: see `keyword_parameters`) does not take,
+    naming them and the closest accepted one.
 
     `also` are other valid names the caller routes elsewhere (the API's training options), offered as
     suggestions too: `epoch=2` should point to `epochs` even though the method does not take it.
     """
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):
+    params = keyword_parameters(fn)
+    if params is None:
         return
-    params = sig.parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    accepted = [n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    accepted = list(params)
     for key in kwargs:
         if key not in accepted:
             raise ConfigError(f"unknown option {key!r} for {what}{did_you_mean(key, [*accepted, *also])}"

@@ -27,7 +27,7 @@ from kdforge.config import (
 from kdforge.engine.checkpoint import load_checkpoint, seed_everything
 from kdforge.engine.run_folder import RunFolder, open_run_folder
 from kdforge.metrics.evaluators import build_evaluator, guess_mode
-from kdforge.registry import MODELS
+from kdforge.registry import DISTILLERS, MODELS
 
 
 def resolve_num_classes(mc: ModelConfig, num_classes: int) -> None:
@@ -58,6 +58,12 @@ def build_model_from_config(mc: ModelConfig, num_classes: int | None = None, rol
     return model
 
 
+def uses_teacher(cfg: RunConfig) -> bool:
+    """Whether the run builds its teacher: the recipe names one and the method needs one (not scratch, pix2pix,
+    dcgan: `needs_teacher = False`)."""
+    return cfg.teacher is not None and DISTILLERS.get(cfg.method.name).needs_teacher
+
+
 def _evaluator(cfg: RunConfig):
     evaluator = build_evaluator(cfg.eval.name, **cfg.eval.kwargs)
     monitor = cfg.eval.monitor or evaluator.monitor
@@ -69,9 +75,9 @@ def run_recipe(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
                eval_teacher: bool = True) -> DistillResult:
     """Data, models, method, evaluator, training and report, in the run folder `<out_dir>/<name>`, which is
     locked meanwhile (see kdforge.engine.run_folder for what --overwrite and --resume accept)."""
-    if cfg.data.train_select and (cfg.teacher is None or cfg.method.name == "scratch"):
+    if cfg.data.train_select and not uses_teacher(cfg):
         raise ConfigError(f"data.train_select: the teacher chooses the training samples, and this run has none "
-                          f"({'no teacher section' if cfg.teacher is None else 'method scratch'}); set "
+                          f"({'no teacher section' if cfg.teacher is None else f'method {cfg.method.name}'}); set "
                           "data.train_select: null, or distil with a teacher")
     with open_run_folder(expand_path(cfg.out_dir), cfg.name, resume=resume, overwrite=overwrite) as folder:
         return _run_in(folder, cfg, resume=resume, eval_teacher=eval_teacher)
@@ -85,7 +91,7 @@ def _run_in(folder: RunFolder, cfg: RunConfig, *, resume: bool, eval_teacher: bo
     seed_everything(cfg.seed)
     data = build_loaders(cfg.data, seed=cfg.seed)
     method = cfg.method.name
-    use_teacher = cfg.teacher is not None and method != "scratch"
+    use_teacher = uses_teacher(cfg)
     for mc in (cfg.student, cfg.teacher if use_teacher else None):
         if mc is not None:  # the class count of the evaluation data, also when training on other (OOD) data
             resolve_num_classes(mc, data.num_classes)
@@ -182,7 +188,7 @@ def rebuild_distiller(cfg: RunConfig, data: Any, *, teacher_weights: bool = True
     """The run's method with its networks, as `run_recipe` built it (teacher weights loaded if asked)."""
     student = build_model_from_config(cfg.student, role="student", load=False)
     teacher = None
-    if cfg.teacher is not None and cfg.method.name != "scratch":
+    if uses_teacher(cfg):
         teacher = build_model_from_config(cfg.teacher, role="teacher", load=teacher_weights)
     seed_everything(cfg.seed)
     return build_distiller(cfg.method.name, student, teacher, data.train, **dict(cfg.method.kwargs))

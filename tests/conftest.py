@@ -7,7 +7,9 @@ dropout. Everything is seeded: two calls with the same seed give the same weight
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -109,3 +111,21 @@ def assert_states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
     for k in a:
         diff = (a[k].float() - b[k].float()).abs().max() if a[k].shape == b[k].shape else "shape"
         assert torch.equal(a[k], b[k]), f"tensor {k!r} differs (max abs diff {diff})"
+
+
+def fake_utkface(root: Path, n: int = 16) -> Path:
+    """UTKFace-named PNG 'faces' (a bright oval and two dark eyes on a noisy ground), for utkface_edges."""
+    image = pytest.importorskip("PIL.Image")
+    pytest.importorskip("kornia")
+    rng = np.random.default_rng(0)
+    folder = root / "UTKFace"
+    folder.mkdir(parents=True)
+    yy, xx = np.mgrid[:32, :32]
+    for k in range(n):
+        face = rng.integers(0, 60, (32, 32, 3)).astype(np.uint8)
+        cx, cy = rng.integers(12, 20, 2)
+        face[((xx - cx) / 9) ** 2 + ((yy - cy) / 12) ** 2 < 1] = rng.integers(150, 255, 3)
+        face[cy - 3:cy - 1, [cx - 4, cx + 3]] = 20
+        image.fromarray(face).save(folder / f"{20 + k}_{k % 2}_{k % 5}_20170101120000{k:03d}.jpg.chip.jpg",
+                                   format="PNG")
+    return root

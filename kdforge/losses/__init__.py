@@ -3,7 +3,10 @@
 Each is registered in `kdforge.registry.LOSSES` under its function name, states its paper's formula in
 its docstring, and is checked against a naive loop in tests/test_losses.py.
 """
-from kdforge.losses import vem  # noqa: F401  (registers VEM's and the generator-KD losses of kdforge.losses.vem)
+from kdforge.losses import (
+    gan,  # noqa: F401  (registers the GAN losses of kdforge.losses.gan)
+    vem,  # noqa: F401  (registers VEM's and the generator-KD losses of kdforge.losses.vem)
+)
 from kdforge.losses.crd import crd_nce, crd_scores
 from kdforge.losses.features import at_loss, attention_map, hint_mse, match_spatial, nst_loss
 from kdforge.losses.logits import kd_div

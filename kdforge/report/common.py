@@ -89,7 +89,8 @@ def fmt(v: Any, decimals: int | None = None, name: str | None = None) -> str:
 
 
 def clean_metrics(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
-    """JSON-safe metrics: numbers (0-d tensors and numpy scalars unwrapped), lists of them; NaN as 'nan'."""
+    """JSON-safe metrics: numbers (0-d tensors and numpy scalars unwrapped), lists of them, NaN as 'nan', and
+    labels (a string such as `fid_features`, naming the network FID was measured with)."""
     if metrics is None:
         return None
 
@@ -99,7 +100,7 @@ def clean_metrics(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
         if isinstance(v, (list, tuple)):
             items = [one(x) for x in v]
             return items if all(x is not None for x in items) else None
-        if isinstance(v, bool):
+        if isinstance(v, (bool, str)):
             return v
         if isinstance(v, (int, float)):
             return v if isinstance(v, int) or math.isfinite(v) else str(v)
@@ -111,6 +112,11 @@ def clean_metrics(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
 
 def scalar_names(metrics: dict[str, Any] | None) -> list[str]:
     return [k for k, v in (metrics or {}).items() if not isinstance(v, list) and to_number(v) is not None]
+
+
+def label_names(metrics: dict[str, Any] | None) -> list[str]:
+    """Metrics that are labels, not numbers ('nan' is a number)."""
+    return [k for k, v in (metrics or {}).items() if isinstance(v, str) and to_number(v) is None]
 
 
 def list_names(metrics: dict[str, Any] | None) -> list[str]:
@@ -129,11 +135,20 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _needs_teacher(method: Any) -> bool:
+    from kdforge.registry import DISTILLERS, RegistryError
+
+    try:
+        return bool(DISTILLERS.get(str(method)).needs_teacher)
+    except RegistryError:  # a run of a method this install does not have: keep its teacher as it is
+        return True
+
+
 def experiment_fields(config: dict[str, Any], *, with_seed: bool) -> dict[str, Any]:
     """The flattened config that defines what was trained (run-only keys dropped; seed kept or not)."""
     flat = flatten(config)
-    # a scratch run ignores its teacher section, so the teacher named in the recipe does not make it different
-    unused_teacher = flat.get("method.name") == "scratch"
+    # a teacher-free method (scratch, pix2pix, dcgan) ignores a teacher section: it does not make the run different
+    unused_teacher = not _needs_teacher(flat.get("method.name"))
     return {k: v for k, v in flat.items() if k not in RUN_ONLY_KEYS and (with_seed or k != "seed")
             and not (unused_teacher and (k == "teacher" or k.startswith("teacher.")))}
 

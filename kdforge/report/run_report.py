@@ -15,6 +15,7 @@ from kdforge.report.common import (
     config_hash,
     decimals_for,
     fmt,
+    label_names,
     list_names,
     metric_label,
     scalar_names,
@@ -58,6 +59,40 @@ def _networks(result: Any) -> dict[str, int]:
     return {name: sum(p.numel() for p in m.parameters()) for name, m in nets.items() if hasattr(m, "parameters")}
 
 
+def _macs(result: Any) -> dict[str, int]:
+    """Multiply-accumulates of one forward pass of the student and the teacher (FlopCounterMode), for methods that
+    know their networks' input (`input_shape`: (C, H, W) of an image, or (z_dim,) of a generator's code)."""
+    import torch
+
+    from kdforge.models.cost import count_macs
+
+    distiller = getattr(result, "distiller", None)
+    shape = getattr(distiller, "input_shape", None)
+    if not shape:
+        return {}
+    out = {}
+    for name in ("teacher", "student"):
+        net = getattr(distiller, name, None)
+        if net is None:
+            continue
+        was = net.training
+        net.eval()
+        try:
+            device = next(net.parameters()).device
+            out[name] = count_macs(net, torch.zeros(1, *shape, device=device))
+        except Exception:  # noqa: BLE001  (a cost figure is never worth failing a finished run's report)
+            continue
+        finally:
+            net.train(was)
+    return out
+
+
+def _uses_teacher(cfg: Any) -> bool:
+    from kdforge.recipe import uses_teacher  # kdforge.recipe writes this report
+
+    return uses_teacher(cfg)
+
+
 def summarize(cfg: Any, result: Any, history: list[dict[str, Any]], *, monitor: str = "top1", mode: str = "max",
               evaluator: str = "classification") -> dict[str, Any]:
     """What summary.json holds: identity, configuration, final metrics (student and teacher), best, sizes, time."""
@@ -71,13 +106,14 @@ def summarize(cfg: Any, result: Any, history: list[dict[str, Any]], *, monitor: 
         "method": cfg.method.name,
         "method_options": conf["method"],
         "student": cfg.student.name,
-        "teacher": cfg.teacher.name if cfg.teacher is not None and cfg.method.name != "scratch" else None,
+        "teacher": cfg.teacher.name if _uses_teacher(cfg) else None,
         "epochs": cfg.train.epochs,
         "evaluator": evaluator,
         "metrics": metrics,
         "teacher_metrics": clean_metrics(getattr(result, "teacher_metrics", None)),
         "monitor": best_of(history, metrics, monitor, mode),
         "params": _networks(result),
+        "macs": _macs(result),
         "train_time_s": sum(to_number(h.get("epoch_time_s")) or 0.0 for h in history),
         "stopped_early": bool(getattr(result, "stopped_early", False)),
         "config": conf,
@@ -300,6 +336,12 @@ def write_run_report(run_dir: str | Path, cfg: Any, result: Any, *, monitor: str
     lines += [_monitor_line(summary, history), ""]
     lines += _list_tables(summary)
     lines += _group_accuracy_charts(summary, run_dir)
+    labels = {k: v for d in (summary["teacher_metrics"] or {}, summary["metrics"]) for k, v in d.items()
+              if k in label_names(d)}
+    lines += [f"{k}: `{v}`" for k, v in labels.items()] + ([""] if labels else [])
+    if summary["macs"]:
+        lines += ["Cost of one forward pass (torch FlopCounterMode): " + ", ".join(
+            f"{k} {n / 1e6:,.1f} M MACs" for k, n in summary["macs"].items()) + ".", ""]
     if summary["params"]:
         lines += ["Trained networks: " + ", ".join(f"{k} {_count(n)} parameters" for k, n in summary["params"].items())
                   + ".", ""]

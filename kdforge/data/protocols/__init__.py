@@ -4,6 +4,7 @@
     utkface    UTKFace age bins x race, balanced test       options: seed, test_per_cell, age_bins, size
     celeba     CelebA attribute x attribute, balanced test  options: target, group, size, crop, seed
     utkface_edges  UTKFace edges -> face pairs (pix2pix)    options: size, edges, *_threshold, test_size, seed
+    utkface_faces  the faces of utkface_edges, same split   options: size, test_size, seed, label (age | gender)
 
 Each registers a builder in DATASETS, so `prepare("cifar10s", source, skew=0.9)` and `kdforge prepare` use
 it, and its options join the cache fingerprint. Every split saves `protocol.json` beside its cache

@@ -164,6 +164,30 @@ class PairedBatchLoader(BatchLoader):
         return batch
 
 
+def _faces_and_split(source: str | Path, size: int, test_size: int, seed: int, workers: int | None, what: str):
+    """Every well-formed face decoded at `size`, natural-sorted, and the test mask of the seeded split (shared by
+    utkface_edges and utkface_faces, so a classifier trained on utkface_faces' train split never saw a test face)."""
+    path = check_source(source)
+    if int(size) < 8:
+        raise ValueError(f"{what}: size must be >= 8 (32 or 64 in the issue), got {size}")
+    files, malformed = scan_utkface(path)
+    if not files:
+        raise ValueError(f"no UTKFace files (<age>_<gender>_<race>_<datetime>.jpg.chip.jpg) found in {path}")
+    if malformed:
+        warnings.warn(f"UTKFace source {path}: skipped {len(malformed)} malformed file name(s) (not "
+                      f"<age>_<gender>_<race>_<datetime>.jpg.chip.jpg): {', '.join(sorted(malformed))}",
+                      stacklevel=3)
+    if not 1 <= int(test_size) < len(files):
+        raise ValueError(f"{what}: test_size must be in [1, {len(files) - 1}] for {len(files)} faces, "
+                         f"got {test_size}")
+    files = sorted(files, key=lambda f: natural_key(f.name))
+    faces = decode_into(path, {f.rel: ("all", i) for i, f in enumerate(files)}, {"all": len(files)},
+                        size=int(size), workers=workers)["all"]
+    in_test = np.zeros(len(files), dtype=bool)
+    in_test[np.random.default_rng(int(seed)).permutation(len(files))[:int(test_size)]] = True
+    return path, files, malformed, faces, in_test
+
+
 @DATASETS.register("utkface_edges")
 def utkface_edges(
     source: str | Path, *, size: int = 64, edges: str = "canny", low_threshold: float = 0.2,
@@ -171,27 +195,10 @@ def utkface_edges(
     workers: int | None = None,
 ) -> dict[str, ProtocolData]:
     """UTKFace faces (dir, .tar, .tar.gz) paired with their kornia edge maps, side by side; see the module."""
-    path = check_source(source)
     _check_edge_options(edges, low_threshold, high_threshold, sobel_threshold)
-    if int(size) < 8:
-        raise ValueError(f"utkface_edges: size must be >= 8 (32 or 64 in the issue), got {size}")
-    files, malformed = scan_utkface(path)
-    if not files:
-        raise ValueError(f"no UTKFace files (<age>_<gender>_<race>_<datetime>.jpg.chip.jpg) found in {path}")
-    if malformed:
-        warnings.warn(f"UTKFace source {path}: skipped {len(malformed)} malformed file name(s) (not "
-                      f"<age>_<gender>_<race>_<datetime>.jpg.chip.jpg): {', '.join(sorted(malformed))}",
-                      stacklevel=2)
-    if not 1 <= int(test_size) < len(files):
-        raise ValueError(f"utkface_edges: test_size must be in [1, {len(files) - 1}] for {len(files)} faces, "
-                         f"got {test_size}")
-    files = sorted(files, key=lambda f: natural_key(f.name))
-    faces = decode_into(path, {f.rel: ("all", i) for i, f in enumerate(files)}, {"all": len(files)},
-                        size=int(size), workers=workers)["all"]
+    path, files, malformed, faces, in_test = _faces_and_split(source, size, test_size, seed, workers, "utkface_edges")
     edge = edge_maps(faces, edges=edges, low_threshold=low_threshold, high_threshold=high_threshold,
                      sobel_threshold=sobel_threshold)
-    in_test = np.zeros(len(files), dtype=bool)
-    in_test[np.random.default_rng(int(seed)).permutation(len(files))[:int(test_size)]] = True
 
     classes = age_bin_names(AGE_BINS)
     options = {"size": int(size), "edges": edges, "low_threshold": float(low_threshold),
@@ -231,3 +238,36 @@ def utkface_edges(
 
 
 utkface_edges.loader_class = PairedBatchLoader  # build_loaders serves its pairs as `image` (edges) and `target`
+
+
+FACE_LABELS = ("age", "gender")
+
+
+@DATASETS.register("utkface_faces")
+def utkface_faces(
+    source: str | Path, *, size: int = 64, test_size: int = 1000, seed: int = 0, label: str = "age",
+    workers: int | None = None,
+) -> dict[str, ProtocolData]:
+    """The faces of utkface_edges alone, with the same split (same size, test_size and seed: the same test faces),
+    labelled by age bin or gender: the data of the face classifier that scores generated faces (FID features and
+    the downstream accuracy) without having seen a test face."""
+    if label not in FACE_LABELS:
+        raise ValueError(f"utkface_faces: label must be one of {', '.join(FACE_LABELS)}, got {label!r}")
+    path, files, malformed, faces, in_test = _faces_and_split(source, size, test_size, seed, workers, "utkface_faces")
+    classes = age_bin_names(AGE_BINS) if label == "age" else ["male", "female"]
+    options = {"size": int(size), "test_size": int(test_size), "seed": int(seed), "label": label}
+    out: dict[str, ProtocolData] = {}
+    for s, rows in (("train", np.flatnonzero(~in_test)), ("test", np.flatnonzero(in_test))):
+        chosen = [files[i] for i in rows]
+        age = np.asarray([age_class(f.age, AGE_BINS) for f in chosen], dtype=np.int64)
+        gender = np.asarray([f.gender for f in chosen], dtype=np.int64)
+        race = np.asarray([f.race for f in chosen], dtype=np.int64)
+        out[s] = ProtocolData(
+            np.ascontiguousarray(faces[rows]), age if label == "age" else gender, classes,
+            attrs={"group": race, "gender": gender, "age_bin": age}, source=str(path),
+            protocol={"protocol": "utkface_faces", "version": VERSION, "reference": REFERENCE, "source": str(path),
+                      "split": s, "options": options, "rule": "the split of utkface_edges with the same options",
+                      "classes": classes, "groups": {str(i): g for i, g in enumerate(UTKFACE_RACES)},
+                      "skipped_malformed": sorted(malformed), "files": "list 'files': the file of every sample"},
+            lists={"files": [f.name for f in chosen]})
+    return out
