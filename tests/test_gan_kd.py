@@ -269,3 +269,17 @@ def test_python_api_distils_a_generator():
                              progress=False, device="cpu")
     assert {"psnr", "ssim"} <= set(result.metrics)
     assert set(result.networks) == {"student", "energy"}
+
+
+def test_fresh_chain_draws_a_second_chain_under_the_updated_energy():
+    """The re-implementation's variant: the student's term uses a new chain, sampled after E's step."""
+    batch = _paired_batches()[0]
+    draws = {}
+    for fresh in (False, True):
+        d = _ready(_method("vem", fresh_chain=fresh, langevin_steps=2, langevin_noise=0.01))
+        calls = []
+        real = d.sample_chain
+        d.sample_chain = lambda r, s, _real=real, _calls=calls: _calls.append(1) or _real(r, s)
+        d.training_step(batch)
+        draws[fresh] = len(calls)
+    assert draws == {False: 1, True: 2}
