@@ -102,7 +102,7 @@ def test_vem_step_matches_the_paper_order_and_formulas():
     assert torch.allclose(out["energy"], expect_e, rtol=1e-4, atol=1e-6)
     d.energy.eval()
     expect_mi = d.energy(reference, s).mean() - d.energy(t_tilde, s).mean()
-    assert torch.allclose(out["mi_vem"], 0.5 * expect_mi, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(out["mi"], 0.5 * expect_mi, rtol=1e-4, atol=1e-6)
     assert not torch.equal(student0["down.0.0.weight"], d.student.state_dict()["down.0.0.weight"])
 
 
@@ -169,7 +169,7 @@ def test_crd_and_vid_terms_and_heads():
     head = copy.deepcopy(d.mi_head)
     out = d.training_step(batch)
     expect = patch_nce(head(image_patches(s, 4)), head(image_patches(t, 4)))
-    assert torch.allclose(out["mi_crd"], expect, rtol=1e-5)
+    assert torch.allclose(out["mi"], expect, rtol=1e-5)
     assert not torch.equal(head[0].weight, d.mi_head[0].weight)  # the head trains with the student
 
     v = _ready(_method("gan_vid", mi_target="target", init_var=1.0, ssim_weight=0.0, l1_weight=1.0))
@@ -179,7 +179,7 @@ def test_crd_and_vid_terms_and_heads():
     out = v.training_step(batch)
     mu = s + mean(s)
     expect = (0.5 * ((batch["target"] - mu) ** 2 / var + var.log())).mean()
-    assert torch.allclose(out["mi_vid"], expect, rtol=1e-5)
+    assert torch.allclose(out["mi"], expect, rtol=1e-5)
 
 
 def test_unconditional_generators_use_fixed_codes_per_sample():
@@ -189,7 +189,7 @@ def test_unconditional_generators_use_fixed_codes_per_sample():
     real = [{"image": torch.rand(4, 3, 16, 16) * 2 - 1, "index": torch.arange(4) + 4 * i} for i in range(2)]
     d = _ready(build_distiller("vem", student, teacher, real, langevin_steps=2))
     out = d.training_step(real[0])
-    assert {"ssim", "energy", "mi_vem", "student"} <= set(out)
+    assert {"ssim", "energy", "mi", "student"} <= set(out)
     d.eval()
     a = d.predict({"image": real[1]["image"], "index": torch.tensor([5, 6])})
     b = d.predict({"image": real[1]["image"][:1], "index": torch.tensor([6])})
@@ -240,6 +240,8 @@ def test_bad_options_are_named():
         _method("gan_kd", gan_loss="wgan")
     with pytest.raises(ValueError, match="pair up"):
         _method("gan_kd", feature_weight=1.0)
+    with pytest.raises(ValueError, match="no mutual-information term"):
+        _method("gan_kd", mi_weight=0.1)
 
 
 def _cfg(**kw):
@@ -283,3 +285,35 @@ def test_fresh_chain_draws_a_second_chain_under_the_updated_energy():
         d.training_step(batch)
         draws[fresh] = len(calls)
     assert draws == {False: 1, True: 2}
+
+
+LOGGED_ONLY = {"student", "energy", "disc", "teacher"}  # the total, and other networks' own losses
+
+
+@pytest.mark.parametrize("name", ["gan_kd", "gan_vid", "gan_crd", "vem"])
+def test_every_term_is_weighed_by_its_own_option(name, tmp_path):
+    """Term X of a step (as logged) is X_weight times its unweighted value: tripling X_weight triples X and changes
+    no other term (the convention of tests/test_distillers.py, here with every term of the family turned on)."""
+    from kdforge.config import keyword_parameters
+
+    torch.save(build_model("resnet20").state_dict(), tmp_path / "net.pt")
+    every = dict(l1_weight=1.0, ssim_weight=1.0, tv_weight=1.0, target_weight=1.0, gan_weight=1.0,
+                 feature_weight=1.0, student_layers=["down.1"], teacher_layers=["down.1"], perceptual_weight=1.0,
+                 style_weight=1.0, feature_net={"name": "resnet20", "weights": str(tmp_path / "net.pt"),
+                                                "layers": ["layer1"]}, mi_weight=1.0 if name != "gan_kd" else 0.0)
+    batch = _paired_batches()[0]
+
+    def step(**weights):
+        d = _ready(_method(name, **{**every, **weights}))
+        torch.manual_seed(5)  # the chain's noise
+        return {k: v for k, v in d.training_step(batch).items() if k not in LOGGED_ONLY}
+
+    one = step()
+    options = keyword_parameters(type(_method(name)))
+    other_networks = {"energy_reg_weight", "teacher_l1_weight"}  # weigh terms of the energy and online-teacher losses
+    terms = {k[:-len("_weight")] for k in options if k.endswith("_weight") and k not in other_networks}
+    assert set(one) == terms - ({"mi"} if name == "gan_kd" else set())
+    for key in one:
+        three = step(**{f"{key}_weight": 3.0})
+        for k in one:
+            torch.testing.assert_close(three[k], 3.0 * one[k] if k == key else one[k])

@@ -95,8 +95,8 @@ def test_pix2pix_step_losses_are_the_papers(gan_loss):
         l1 = (fake.double() - y.double()).abs().mean()
     assert seen[0][1] == pytest.approx(float(loss_d), rel=1e-5)
     assert seen[1][1] == pytest.approx(float(0.5 * gan + 100.0 * l1), rel=1e-5)
-    assert float(out["gan"]) == pytest.approx(float(gan), rel=1e-5)
-    assert float(out["l1"]) == pytest.approx(float(l1), rel=1e-5)
+    assert float(out["gan"]) == pytest.approx(float(0.5 * gan), rel=1e-5)  # logged as weighted
+    assert float(out["l1"]) == pytest.approx(float(100.0 * l1), rel=1e-5)
     assert all(not v.requires_grad for v in out.values())
 
 

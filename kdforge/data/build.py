@@ -41,6 +41,7 @@ def _load_split(cfg: Any, name: str, source: str | None, options: dict[str, Any]
     from kdforge.data.decoded import CACHE_FORMAT_VERSION
     from kdforge.data.prepare import _jsonable, committed_preparation, load_split, prepare, source_fingerprint
     from kdforge.data.synthetic import make_synthetic
+    from kdforge.registry import DATASETS
 
     if name == "synthetic":
         return make_synthetic(cfg.synthetic_train, cfg.synthetic_test, size=cfg.synthetic_size, seed=0,
@@ -48,8 +49,11 @@ def _load_split(cfg: Any, name: str, source: str | None, options: dict[str, Any]
     root = Path(expand_path(cfg.root))
     source = expand_path(source) if source else None
     stamp = committed_preparation(name, root)
-    if source is not None and (Path(source).exists() or stamp is None):  # a missing source: prepare names it
-        wanted = dict(options) if options else (stamp.get("options") or {}) if stamp else {}
+    # a generated dataset (its builder's `generated`, e.g. synthetic_edges) has no source: its options say it all
+    generated = name in DATASETS and getattr(DATASETS.get(name), "generated", False)
+    # a missing source: prepare names it
+    if generated or (source is not None and (Path(source).exists() or stamp is None)):
+        wanted = dict(options) if options or generated else (stamp.get("options") or {}) if stamp else {}
         fresh = (stamp is not None and stamp.get("format_version") == CACHE_FORMAT_VERSION
                  and stamp.get("fingerprint") == source_fingerprint(source)
                  and (stamp.get("options") or {}) == _jsonable(wanted))

@@ -124,12 +124,16 @@ def _shape(text: str | tuple[int, ...]) -> tuple[int, ...]:
 
 def input_shapes(model: nn.Module, image_shape: tuple[int, ...] = (3, 32, 32)) -> list[tuple[int, ...]]:
     """The shapes (without the batch) of the inputs `model` takes: a latent code for a generator (it says its
-    `z_dim`), else one image per required positional argument of `forward` (VEM's energy net takes two), and a
-    condition image when the model is built with `cond_channels` (a conditional PatchGAN). Images take the
-    model's own `in_channels` and `img_size` where it has them, else `image_shape`."""
+    `z_dim`), the per-level latents of a flow decoder (it says its `input_latent_shapes`), else one image per
+    required positional argument of `forward` (VEM's energy net takes two), and a condition image when the model is
+    built with `cond_channels` (a conditional PatchGAN). Images take the model's own `in_channels` and `img_size`
+    where it has them, else `image_shape`."""
     z_dim = getattr(model, "z_dim", None)
     if isinstance(z_dim, int):
         return [(z_dim,)]
+    latents = getattr(model, "input_latent_shapes", None)  # a flow's (or a flow student's) decoder: one per level
+    if latents:
+        return [tuple(s) for s in latents]
     c, *hw = image_shape
     own_c, size = getattr(model, "in_channels", None), getattr(model, "img_size", None)
     c = own_c if isinstance(own_c, int) else c

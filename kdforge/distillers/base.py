@@ -35,7 +35,7 @@ class Stage:
 
     name: str
     epochs: int
-    frozen: tuple[str, ...] = ()  # networks (attribute names) that stay frozen and in eval in this stage
+    frozen: tuple[str, ...] = ()  # networks (attribute paths: "decoder", "student.decoder") frozen, in eval, this stage
 
 
 def last_linear(model: nn.Module) -> str:
@@ -186,6 +186,9 @@ class Distiller(nn.Module):
     teacher_features: tuple[str, ...] = ()
     student_features: tuple[str, ...] = ()
     needs_teacher: bool = True
+    #: what the method's networks are: "classifier" (logits out) or "generator" (images out: GAN training and
+    #: generator distillation), for tools and tests that only make sense for one kind
+    model_kind: str = "classifier"
     #: the optimiser the Trainer steps on the sum of the grad-carrying losses of `training_step`; None when
     #: the method steps every optimiser itself with `optimizer_step` (then returned losses are only logged)
     main_optimizer: str | None = "main"
@@ -217,7 +220,7 @@ class Distiller(nn.Module):
         if self.teacher is not None:
             self.teacher.eval()  # a frozen teacher never updates its BN statistics
         for name in self._frozen:  # nor does a network frozen in this stage
-            getattr(self, name).eval()
+            self._module(name).eval()
         return self
 
     def stages(self, total_epochs: int) -> list[Stage]:
@@ -227,15 +230,22 @@ class Distiller(nn.Module):
         """Enter a stage: networks it names in `frozen` stop training (no grad, eval mode) until it ends."""
         stage = stage if isinstance(stage, Stage) else Stage(stage, 0)
         for name in self._frozen:
-            getattr(self, name).requires_grad_(True)
-        unknown = [n for n in stage.frozen if not isinstance(getattr(self, n, None), nn.Module)]
+            self._module(name).requires_grad_(True)
+        unknown = [n for n in stage.frozen if not isinstance(self._module(n), nn.Module)]
         if unknown:
             raise ValueError(f"stage {stage.name!r} freezes {unknown}, which are not modules of "
                              f"{type(self).__name__}{did_you_mean(unknown[0], list(self.networks()))}")
         self.stage, self._frozen = stage.name, tuple(stage.frozen)
         for name in self._frozen:
-            getattr(self, name).requires_grad_(False)
+            self._module(name).requires_grad_(False)
         self.train(self.training)
+
+    def _module(self, path: str) -> nn.Module | None:
+        """A submodule by attribute path ("decoder", or "student.decoder" inside a bundled student), else None."""
+        try:
+            return self.get_submodule(path)
+        except AttributeError:
+            return None
 
     def networks(self) -> dict[str, nn.Module]:
         """The networks this method trains and hands back, by name: saved, loaded, evaluated, reported and

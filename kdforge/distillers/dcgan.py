@@ -38,6 +38,7 @@ from kdforge.registry import DISTILLERS
 class DCGAN(Distiller):
     needs_teacher = False
     main_optimizer = None  # G and D are both stepped inside training_step
+    model_kind = "generator"
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, *,
                  input_shape: tuple[int, ...] | None = None, discriminator: str | nn.Module = "sn_discriminator",

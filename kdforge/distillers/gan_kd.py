@@ -15,7 +15,7 @@ each term weighted by the option named after it (0 leaves it out):
   + tv * TV(s)                                                total variation, summed (OMGD: 1e-5)
   + target * mean|s - y|                                      paired data: the real target too (pix2pix's L1)
   + gan * GAN(D(s))                                           against a discriminator D trained on real vs fake
-  + the add-on's own terms (`mi_terms`, weighted by mi_weight)
+  + mi * the add-on's mutual-information term (`mi_term`: VID, CRD or VEM)
 
 Optimisers, all stepped inside `training_step` in the paper's order (Sec. 3): the add-on's own ("energy" for VEM),
 then "student" (the recipe's optimiser and schedule; adapters and the add-on's heads train with it), then
@@ -54,6 +54,7 @@ def adapter(c_in: int, c_out: int) -> nn.Module:
 @DISTILLERS.register("gan_kd")
 class GeneratorKD(Distiller):
     main_optimizer = None  # student, add-on, discriminator and teacher are stepped inside training_step
+    model_kind = "generator"
     method = "gan_kd"
     student_side = ("student", "adapters")  # modules the "student" optimiser trains (add-ons append their heads)
 
@@ -79,6 +80,9 @@ class GeneratorKD(Distiller):
                             perceptual=perceptual_weight, style=style_weight, target=target_weight, gan=gan_weight,
                             mi=mi_weight)
         check_weights(self.method, **{f"{k}_weight": v for k, v in self.weights.items()})
+        if mi_weight and type(self).mi_term is GeneratorKD.mi_term:
+            raise ValueError(f"{self.method}: mi_weight={mi_weight} but this method has no mutual-information term "
+                             "(use gan_vid, gan_crd or vem)")
         check_gan_loss(self.method, gan_loss)
         self.z_dim = z_dim_of(student)
         if self.z_dim != z_dim_of(teacher):
@@ -178,10 +182,11 @@ class GeneratorKD(Distiller):
         return self.teacher(generator_input(self.teacher, batch, train=False))
 
     # ------------------------------------------------------------------ the step
-    def mi_terms(self, reference: torch.Tensor, s: torch.Tensor, x: torch.Tensor, batch: Batch) -> dict[str, Any]:
-        """The add-on's mutual-information terms: {"grad": {name: loss with grad to the student side},
-        "log": {name: detached value}}; `reference` is the teacher's image or the real target (mi_target)."""
-        return {"grad": {}, "log": {}}
+    def mi_term(self, reference: torch.Tensor, s: torch.Tensor, x: torch.Tensor,
+                batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The add-on's mutual-information loss (unweighted, with grad to the student side; logged as "mi" times
+        mi_weight) and values to log (detached); `reference` is the teacher's image or the real target."""
+        raise NotImplementedError(f"{type(self).__name__} has no mutual-information term; set mi_weight: 0")
 
     def mi_reference(self, t: torch.Tensor, batch: Batch) -> torch.Tensor:
         return t
@@ -189,27 +194,31 @@ class GeneratorKD(Distiller):
     def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         x = generator_input(self.student, batch, train=True)
         self._remember_snapshot(x, batch)
-        t = self._teacher_images(batch, x)
-        t_feats = self._t_taps.take() if self._t_taps else []
+        t, t_feats = self._teacher_images(batch, x)
         s, s_feats = self.run_student(x)
         s = s.float()
-        mi = self.mi_terms(self.mi_reference(t, batch), s, x, batch) if self.weights["mi"] else {"grad": {}, "log": {}}
+        logged: dict[str, torch.Tensor] = {}
         terms = self.student_terms(s, t, s_feats, t_feats, batch, x)
-        terms.update({k: self.weights["mi"] * v for k, v in mi["grad"].items()})
+        if self.weights["mi"]:
+            mi, logged = self.mi_term(self.mi_reference(t, batch), s, x, batch)
+            terms["mi"] = self.weights["mi"] * mi
         out = {k: v.detach() for k, v in terms.items()}
         out["student"] = self.optimizer_step("student", sum(terms.values()))
-        out.update(mi["log"])
+        out.update(logged)
         if self.discriminator is not None:
             out.update(self._discriminator_and_teacher(batch, x, s.detach()))
         return out
 
-    def _teacher_images(self, batch: Batch, x: torch.Tensor) -> torch.Tensor:
-        if self.online_teacher:  # its graph is rebuilt in its own step; here a fixed reference
+    def _teacher_images(self, batch: Batch, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The teacher's images and tapped features for `x` (from the teacher cache when it is on and x is the batch's
+        own image); an online teacher's are a fixed reference here, its own graph is built in its step."""
+        if self.online_teacher:
             with torch.no_grad(), keep_running_stats(self.teacher):
                 out = self.teacher(x)
+            feats = self._t_taps.take() if self._t_taps else []
         else:
-            out, _ = self.run_teacher(batch, x)
-        return out.detach().float()
+            out, feats = self.run_teacher(batch, x)
+        return out.detach().float(), [f.detach() for f in feats]
 
     def student_terms(self, s: torch.Tensor, t: torch.Tensor, s_feats: list[torch.Tensor],
                       t_feats: list[torch.Tensor], batch: Batch, x: torch.Tensor) -> dict[str, torch.Tensor]:

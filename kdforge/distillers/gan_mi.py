@@ -61,9 +61,9 @@ class GeneratorVID(_MIAddOn):
         self.mi_head.register_parameter("log_scale", log_scale)
         self.eps = eps
 
-    def mi_terms(self, reference, s, x, batch):
+    def mi_term(self, reference, s, x, batch):
         mu = s + self.mi_head["mean"](s)  # residual: the mean starts at the student image itself
-        return {"grad": {"mi_vid": vid_pixel_nll(mu, reference, self.mi_head.log_scale, self.eps)}, "log": {}}
+        return vid_pixel_nll(mu, reference, self.mi_head.log_scale, self.eps), {}
 
 
 @DISTILLERS.register("gan_crd")
@@ -81,9 +81,8 @@ class GeneratorCRD(_MIAddOn):
         self.mi_head = nn.Sequential(nn.Linear(d_in, embed_dim), nn.ReLU(), nn.Linear(embed_dim, embed_dim))
         self.patch_size, self.nce_temperature, self.negatives = patch_size, nce_temperature, negatives
 
-    def mi_terms(self, reference, s, x, batch):
+    def mi_term(self, reference, s, x, batch):
         z_s = self.mi_head(image_patches(s, self.patch_size))
         with torch.no_grad():
             z_r = self.mi_head(image_patches(reference, self.patch_size))
-        loss = patch_nce(z_s, z_r, temperature=self.nce_temperature, negatives=self.negatives)
-        return {"grad": {"mi_crd": loss}, "log": {}}
+        return patch_nce(z_s, z_r, temperature=self.nce_temperature, negatives=self.negatives), {}

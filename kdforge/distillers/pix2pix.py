@@ -41,6 +41,7 @@ def to_unit(images: torch.Tensor) -> torch.Tensor:
 class Pix2Pix(Distiller):
     needs_teacher = False
     main_optimizer = None  # G and D are both stepped inside training_step
+    model_kind = "generator"
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, *,
                  input_shape: tuple[int, ...] | None = None, discriminator: str | nn.Module = "patchgan_discriminator",
@@ -97,9 +98,9 @@ class Pix2Pix(Distiller):
 
         with no_weight_grads(d), keep_running_stats(d):  # G's loss goes through D without training it
             gan = generator_loss(d(fake, x), self.gan_loss)
-        l1 = F.l1_loss(fake, y)
-        self.optimizer_step("generator", self.gan_weight * gan + self.l1_weight * l1)
-        return {"disc": disc, "gan": gan.detach(), "l1": l1.detach()}
+        terms = {"gan": self.gan_weight * gan, "l1": self.l1_weight * F.l1_loss(fake, y)}  # logged weighted
+        self.optimizer_step("generator", sum(terms.values()))
+        return {"disc": disc, **{k: v.detach() for k, v in terms.items()}}
 
     @torch.no_grad()
     def _remember(self, x: torch.Tensor, y: torch.Tensor) -> None:

@@ -100,7 +100,8 @@ class VEM(GeneratorKD):
         finally:
             self.energy.train(was)
 
-    def mi_terms(self, reference: torch.Tensor, s: torch.Tensor, x: torch.Tensor, batch: Batch) -> dict[str, Any]:
+    def mi_term(self, reference: torch.Tensor, s: torch.Tensor, x: torch.Tensor,
+                batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         t_tilde = self.sample_chain(reference, s)
         loss_e = energy_model_loss(self.energy, reference, s, t_tilde, reg_weight=self.energy_reg_weight)
         log = {"energy": self.optimizer_step("energy", loss_e)}
@@ -111,4 +112,4 @@ class VEM(GeneratorKD):
             mi = vem_student_loss(self.energy, reference, s, t_tilde)
         finally:
             self.energy.train(self.training)
-        return {"grad": {"mi_vem": mi}, "log": log}
+        return mi, log

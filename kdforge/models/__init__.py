@@ -4,7 +4,7 @@ models resolved by name.
 Importing this package registers every model in ``MODELS`` and the ``torchvision:`` / ``timm:`` resolvers.
 """
 
-from kdforge.models import cifar_resnet, gan, image_gan, mfd_cnn, torchvision_nets, wrn  # noqa: F401  (registration)
+from kdforge.models import cifar_resnet, flow_students, gan, glow, image_gan, mfd_cnn, torchvision_nets, wrn  # noqa: F401
 from kdforge.models.external import build_model, import_factory
 from kdforge.models.weights import load_weights
 from kdforge.registry import MODELS

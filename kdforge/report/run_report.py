@@ -59,9 +59,9 @@ def _networks(result: Any) -> dict[str, int]:
     return {name: sum(p.numel() for p in m.parameters()) for name, m in nets.items() if hasattr(m, "parameters")}
 
 
-def _macs(result: Any) -> dict[str, int]:
-    """Multiply-accumulates of one forward pass of the student and the teacher (FlopCounterMode), for methods that
-    know their networks' input (`input_shape`: (C, H, W) of an image, or (z_dim,) of a generator's code)."""
+def _cost(result: Any) -> dict[str, dict[str, int]]:
+    """Parameters and multiply-accumulates of one forward pass (FlopCounterMode) of the teacher and the student, for
+    methods that know their networks' input (`input_shape`: (C, H, W) of an image, or (z_dim,) of a code)."""
     import torch
 
     from kdforge.models.cost import count_macs
@@ -79,11 +79,12 @@ def _macs(result: Any) -> dict[str, int]:
         net.eval()
         try:
             device = next(net.parameters()).device
-            out[name] = count_macs(net, torch.zeros(1, *shape, device=device))
+            macs = count_macs(net, torch.zeros(1, *shape, device=device))
         except Exception:  # noqa: BLE001  (a cost figure is never worth failing a finished run's report)
             continue
         finally:
             net.train(was)
+        out[name] = {"params": sum(p.numel() for p in net.parameters()), "macs": macs}
     return out
 
 
@@ -113,7 +114,7 @@ def summarize(cfg: Any, result: Any, history: list[dict[str, Any]], *, monitor: 
         "teacher_metrics": clean_metrics(getattr(result, "teacher_metrics", None)),
         "monitor": best_of(history, metrics, monitor, mode),
         "params": _networks(result),
-        "macs": _macs(result),
+        "cost": _cost(result),
         "train_time_s": sum(to_number(h.get("epoch_time_s")) or 0.0 for h in history),
         "stopped_early": bool(getattr(result, "stopped_early", False)),
         "config": conf,
@@ -339,9 +340,10 @@ def write_run_report(run_dir: str | Path, cfg: Any, result: Any, *, monitor: str
     labels = {k: v for d in (summary["teacher_metrics"] or {}, summary["metrics"]) for k, v in d.items()
               if k in label_names(d)}
     lines += [f"{k}: `{v}`" for k, v in labels.items()] + ([""] if labels else [])
-    if summary["macs"]:
+    if summary["cost"]:
         lines += ["Cost of one forward pass (torch FlopCounterMode): " + ", ".join(
-            f"{k} {n / 1e6:,.1f} M MACs" for k, n in summary["macs"].items()) + ".", ""]
+            f"{k} {c['macs'] / 1e6:,.2f} M MACs, {_count(c['params'])} parameters"
+            for k, c in summary["cost"].items()) + ".", ""]
     if summary["params"]:
         lines += ["Trained networks: " + ", ".join(f"{k} {_count(n)} parameters" for k, n in summary["params"].items())
                   + ".", ""]
