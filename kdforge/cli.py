@@ -161,6 +161,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     from kdforge.demo import run_demo
     from kdforge.demo_fair import run_fair_demo
+    from kdforge.demo_gan import run_gan_demo
     from kdforge.demo_mosaic import run_mosaic_demo
 
     out = Path(a.out)
@@ -170,6 +171,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
         run_fair_demo(out / "fair" if a.name == "all" else out, quick=a.quick, progress=not a.no_progress)
     if a.name == "mosaic":
         run_mosaic_demo(out, quick=a.quick, progress=not a.no_progress)
+    if a.name == "gan":  # by name only, as mosaic
+        run_gan_demo(out, quick=a.quick, progress=not a.no_progress)
     return 0
 
 
@@ -319,8 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "fair: a teacher biased by a colour/grey skew, then the same CNN alone, with "
                                    "HKD and with MFD, with accuracy and DEO_A/DEO_M. mosaic: a teacher of ten "
                                    "generated classes distilled from ten other classes only, by blind KD and by "
-                                   "MosaicKD. Run folders go under --out.")
-    s.add_argument("name", nargs="?", default="all", choices=["all", "classic", "fair", "mosaic"],
+                                   "MosaicKD. gan: a pix2pix edges -> image generator compressed to a quarter "
+                                   "width, trained alone, by generator distillation and by VEM, with FID, PSNR, "
+                                   "MACs and VEM's cost per step. Run folders go under --out.")
+    s.add_argument("name", nargs="?", default="all", choices=["all", "classic", "fair", "mosaic", "gan"],
                    help="which demo (default: %(default)s)")
     s.add_argument("--out", default="runs/demo", help="folder for the demo's runs (default: %(default)s)")
     s.add_argument("--quick", action="store_true", help="a much smaller run, for smoke tests")

@@ -110,7 +110,8 @@ def _run_in(folder: RunFolder, cfg: RunConfig, *, resume: bool, eval_teacher: bo
             data = select_train(data, cfg.data, teacher, seed=cfg.seed, device=resolve_device(cfg.train.device),
                                 progress=print if cfg.train.progress else None)
     _save_sample_grid(data.train, run_dir / "samples.png")
-    if use_teacher and eval_teacher:
+    # a method whose own predict scores the teacher (flow_kd's teacher pairing) needs no separate teacher run
+    if use_teacher and eval_teacher and not DISTILLERS.get(method).predict_scores_teacher:
         teacher_metrics = _cached_teacher_eval(run_dir, cfg, teacher, data.val, evaluator)
     result = distill(student, teacher, data.train, method=method, val_loader=data.val, run_dir=run_dir,
                      resume=resume, seed=cfg.seed, train=cfg.train, method_options=cfg.method.kwargs,

@@ -7,6 +7,8 @@ from kdforge.distillers import (  # noqa: F401  (registration)
     dcgan,
     dfad,
     fitnet,
+    flow_kd,
+    flow_mle,
     gan_kd,
     gan_mi,
     kd,

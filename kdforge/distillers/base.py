@@ -189,6 +189,9 @@ class Distiller(nn.Module):
     #: what the method's networks are: "classifier" (logits out) or "generator" (images out: GAN training and
     #: generator distillation), for tools and tests that only make sense for one kind
     model_kind: str = "classifier"
+    #: True when `predict` already reports the teacher's own score (flow_kd's teacher encoder/decoder pairing), so a
+    #: recipe run does not evaluate the teacher on its own
+    predict_scores_teacher: bool = False
     #: the optimiser the Trainer steps on the sum of the grad-carrying losses of `training_step`; None when
     #: the method steps every optimiser itself with `optimizer_step` (then returned losses are only logged)
     main_optimizer: str | None = "main"

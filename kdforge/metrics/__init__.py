@@ -1,5 +1,5 @@
 """Streaming metrics (accuracy, confusion matrix, per-group accuracy, group fairness) and the evaluators runs are
-scored by (classification, groups, images, fairness, generation)."""
+scored by (classification, groups, images, fairness, generation, flow)."""
 from kdforge.metrics.classification import Accuracy, ConfusionMatrix, GroupAccuracy, evaluate_classifier
 from kdforge.metrics.evaluators import (
     ClassificationEvaluator,
@@ -15,9 +15,11 @@ from kdforge.metrics.fairness import (  # importing it registers the "fairness" 
     fairness_from_counts,
     group_class_accuracy,
 )
+from kdforge.metrics.flow import FlowEvaluator  # importing it registers the "flow" evaluator
 from kdforge.metrics.generation import GenerationEvaluator  # importing it registers the "generation" evaluator
 
 __all__ = ["Accuracy", "ClassificationEvaluator", "ConfusionMatrix", "Evaluator", "FairnessEvaluator",
-           "GenerationEvaluator", "GroupAccuracy", "GroupConfusion", "GroupEvaluator", "ImageEvaluator",
+           "FlowEvaluator", "GenerationEvaluator", "GroupAccuracy", "GroupConfusion", "GroupEvaluator",
+           "ImageEvaluator",
            "build_evaluator", "equal_opportunity_gaps", "evaluate_classifier", "fairness_from_counts",
            "group_class_accuracy"]

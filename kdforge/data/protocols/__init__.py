@@ -12,7 +12,8 @@ Each registers a builder in DATASETS, so `prepare("cifar10s", source, skew=0.9)`
 it, and its options join the cache fingerprint. Every split saves `protocol.json` beside its cache
 (`load_protocol(name, split)`), which a run can cite.
 """
-from kdforge.data.protocols import celeba, cifar10s, synthetic_edges, utkface, utkface_edges  # noqa: F401  (register the builders)
+# imported to register the builders
+from kdforge.data.protocols import celeba, cifar10s, synthetic_edges, utkface, utkface_edges  # noqa: F401
 from kdforge.data.protocols.record import PROTOCOL_FILE, ProtocolData, load_protocol
 
 __all__ = ["PROTOCOL_FILE", "ProtocolData", "load_protocol"]

@@ -1,7 +1,7 @@
-"""Every recipe of recipes/vem/ runs two steps end to end on generated data (fake UTKFace-named faces; synthetic
-images for the CIFAR-10 one), with random-weight stand-ins for the files it names (teacher, style network, FID
-feature network and classifier), and reports what the issue asks: FID named by its feature network, MACs of
-teacher and student, the networks trained."""
+"""Every recipe of recipes/vem/ (GAN compression) and recipes/flow/ (flow distillation) runs two steps end to end on
+generated data (fake UTKFace-named faces; synthetic images for the CIFAR-10 one), with random-weight stand-ins for
+the files it names (teacher, style network, FID feature network and classifier), and reports what the issues ask:
+FID named by its feature network, MACs of teacher and student, reconstruction of every encoder/decoder pairing."""
 from __future__ import annotations
 
 import json
@@ -17,7 +17,7 @@ from kdforge.models import build_model
 from kdforge.recipe import build_model_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = sorted((ROOT / "recipes" / "vem").glob("*/*.yaml"))
+RECIPES = sorted([*(ROOT / "recipes" / "vem").glob("*/*.yaml"), *(ROOT / "recipes" / "flow").glob("*/*.yaml")])
 
 
 def _weights(tmp: Path, name: str, **kwargs) -> str:
@@ -37,9 +37,16 @@ def _overrides(recipe: Path, tmp: Path, source: Path) -> list[str]:
                  "data.synthetic_size=32"]
     else:
         sets += [f"data.source={source}", f"data.options={json.dumps({**cfg.data.options, 'test_size': 4})}"]
-    for role in ("student", "teacher"):  # narrower generators, same layout
-        if "generator" in getattr(getattr(cfg, role), "name", ""):
+    for role in ("student", "teacher"):  # narrower generators and flows, same layout
+        name = getattr(getattr(cfg, role), "name", "")
+        if "generator" in name:
             sets.append(f"{role}.ngf=16")
+        elif name == "glow":
+            sets += [f"{role}.steps=2", f"{role}.hidden=16"]
+        elif name == "flow_student":
+            small = "width: 8, growth: 4, rdb_layers: 2"
+            sets += [f"student.encoder={{steps: 1, levels: 3, {small}}}",
+                     f"student.decoder={{steps: 1, levels: {cfg.student.kwargs['decoder']['levels']}, {small}}}"]
     cfg = load_config(recipe, sets)
     if cfg.teacher is not None:
         teacher = build_model_from_config(cfg.teacher, load=False)
@@ -59,7 +66,7 @@ def _overrides(recipe: Path, tmp: Path, source: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
-def test_every_vem_recipe_runs_two_steps(recipe, tmp_path):
+def test_every_image_model_recipe_runs_two_steps(recipe, tmp_path):
     source = fake_utkface(tmp_path / "utk", n=12)
     sets = _overrides(recipe, tmp_path, source)
     verb = "train" if load_config(recipe).teacher is None else "distill"
@@ -72,7 +79,9 @@ def test_every_vem_recipe_runs_two_steps(recipe, tmp_path):
         assert summary["metrics"]["fid"] >= 0 and summary["metrics"]["fid_features"].startswith(("resnet", "Flatten"))
         report = (run / "report.md").read_text()
         assert "fid_features: `resnet" in report
-    if verb == "distill":
+    if summary["evaluator"] == "flow":
+        assert summary["metrics"]["max_err_teacher"] < 1e-3 and "psnr_teacher" in summary["metrics"]
+    if verb == "distill" and summary["evaluator"] == "generation":
         cost = summary["cost"]
         assert cost["student"]["macs"] < cost["teacher"]["macs"]  # the point of compressing a generator
         assert cost["student"]["params"] < cost["teacher"]["params"]

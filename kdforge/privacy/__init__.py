@@ -1,0 +1,27 @@
+"""Reversible face anonymisation with a flow and a secret orthogonal key, and the metrics that judge it: privacy
+(re-identification, recovery with right and wrong keys) and fairness over groups (issue 18).
+
+Pure functions over any encoder and decoder callables (the Glow teacher, the CNN students, or a mix), so the same
+code scores the teacher, the students and every pairing. OpenCV is imported only by the Haar face detector.
+"""
+from kdforge.privacy.anonymize import (
+    anonymize,
+    deanonymize,
+    max_key_distance,
+    perturbed_key,
+    secret_key,
+)
+from kdforge.privacy.metrics import (
+    box_iou,
+    face_box_iou,
+    group_fairness,
+    haar_face_detector,
+    largest_face_boxes,
+    psnr,
+    reidentification_rate,
+    ssim,
+)
+
+__all__ = ["anonymize", "box_iou", "deanonymize", "face_box_iou", "group_fairness", "haar_face_detector",
+           "largest_face_boxes", "max_key_distance", "perturbed_key", "psnr", "reidentification_rate",
+           "secret_key", "ssim"]
