@@ -164,15 +164,15 @@ def cmd_demo(a: argparse.Namespace) -> int:
     from kdforge.demo_gan import run_gan_demo
     from kdforge.demo_mosaic import run_mosaic_demo
 
-    out = Path(a.out)
+    out = Path(a.out)  # the classic demo writes there; every other demo into its own <out>/<name>
     if a.name in ("classic", "all"):
         run_demo(out, quick=a.quick, progress=not a.no_progress)
     if a.name in ("fair", "all"):
-        run_fair_demo(out / "fair" if a.name == "all" else out, quick=a.quick, progress=not a.no_progress)
+        run_fair_demo(out / "fair", quick=a.quick, progress=not a.no_progress)
     if a.name == "mosaic":
-        run_mosaic_demo(out, quick=a.quick, progress=not a.no_progress)
+        run_mosaic_demo(out / "mosaic", quick=a.quick, progress=not a.no_progress)
     if a.name == "gan":  # by name only, as mosaic
-        run_gan_demo(out, quick=a.quick, progress=not a.no_progress)
+        run_gan_demo(out / "gan", quick=a.quick, progress=not a.no_progress)
     return 0
 
 

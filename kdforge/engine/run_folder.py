@@ -42,7 +42,7 @@ LOCK = ".lock"
 # run writes must be listed here, or --overwrite will refuse to replace the folder.
 RUN_FILES = ("config.yaml", "metrics.jsonl", "report.md", "summary.json", "teacher_metrics.json", "*.png",
              ".*.tmp", MARKER, LOCK)
-RUN_DIRS = {"checkpoints": ("*.pt", ".*.tmp"), "tb": ("events.out.tfevents.*",)}
+RUN_DIRS = {"checkpoints": ("*.pt", ".*.tmp"), "tb": ("events.out.tfevents.*",), "samples": ("*.png",)}
 
 # Settings a resumed run may change: they say how long to train and how to report, not what is trained.
 # train.epochs extends a finished run; train.max_steps is where a smoke run stopped; train.device moves a
