@@ -1,4 +1,5 @@
-"""The `kdforge` command: prepare | train | distill | eval | report | export | bench | demo | list.
+"""The `kdforge` command: prepare | train | distill | eval | report | export | bench | anonymize | deanonymize |
+demo | list.
 
 Each verb parses its options and calls one function of the Python API (kdforge.api, kdforge.data,
 kdforge.report); nothing is done here that a script could not do.
@@ -158,6 +159,54 @@ def cmd_bench(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_anonymize(a: argparse.Namespace, direction: str) -> int:
+    from kdforge.privacy.folder import anonymize_folder, deanonymize_folder
+
+    options = dict(key_seed=a.key_seed, alpha=a.alpha, encoder=a.encoder, decoder=a.decoder,
+                   batch_size=a.batch_size, device=a.device, overwrite=a.overwrite,
+                   progress=lambda line: print(f"kdforge {direction}: {line}", file=sys.stderr))
+    if direction == "anonymize":
+        result = anonymize_folder(a.run, a.src, a.dst, **options)
+    else:
+        result = deanonymize_folder(a.run, a.src, a.dst, reference=a.reference, **options)
+    print(result["loaded"])
+    print(f"{direction}d {result['images']} images of {result['src']} into {result['dst']} "
+          f"({result['written']} PNGs, {result['img_size']} px; key {result['key_dim']} x {result['key_dim']} from "
+          f"the key seed, alpha {result['alpha']:g})")
+    if result["psnr"] is not None:
+        what = ("low means the fakes do not look like them" if direction == "anonymize" else
+                "high when the run, key seed and alpha are those that anonymised")
+        print(f"PSNR against {result['psnr_compared_with']}: mean {result['psnr']:.2f} dB, lowest "
+              f"{result['psnr_min']:.2f} dB ({what})")
+    if result["clipped"] > 0:
+        print(f"clipped to [0, 1]: {100 * result['clipped']:.3g}% of the output values")
+    return 0
+
+
+def _add_anonymize_options(s: argparse.ArgumentParser, direction: str) -> None:
+    s.add_argument("run", help="a flow_kd run folder (teacher Glow and students) or a flow_mle run folder (the Glow; "
+                               "--encoder teacher --decoder teacher), or a checkpoint of one")
+    s.add_argument("src", help="folder of images (.png, .jpg, .jpeg; searched recursively)"
+                   + ("" if direction == "anonymize" else ": the fakes `kdforge anonymize` wrote"))
+    s.add_argument("dst", help="folder for the PNGs, same relative names (created)")
+    s.add_argument("--key-seed", type=int, required=True,
+                   help="the secret: seeds the orthogonal key. Whoever knows it (and has the flow) can undo the "
+                        "anonymisation; pick a large random number and keep it apart from the fakes")
+    s.add_argument("--alpha", type=float, default=1.0,
+                   help="temperature, nonzero, the same both ways: < 1 makes more average fakes (default: %(default)s)")
+    s.add_argument("--encoder", choices=["teacher", "student"], default="student",
+                   help="the Glow's encoder or the run's student encoder (default: %(default)s)")
+    s.add_argument("--decoder", choices=["teacher", "student"], default="student",
+                   help="the Glow's decoder or the run's student decoder (default: %(default)s)")
+    s.add_argument("--batch-size", type=int, default=64, help="images per batch (default: %(default)s)")
+    s.add_argument("--device", default="cpu", help="cpu, cuda, auto (default: %(default)s)")
+    s.add_argument("--overwrite", action="store_true", help="replace outputs that exist already in dst")
+    if direction == "deanonymize":
+        s.add_argument("--reference", help="folder of the originals (same relative names): report the PSNR of "
+                                           "the recovered faces against them")
+    s.set_defaults(fn=lambda a: cmd_anonymize(a, direction))
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     from kdforge.demo import run_demo
     from kdforge.demo_fair import run_fair_demo
@@ -315,6 +364,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repeats", type=int, default=20, help="timed calls per measurement (default: %(default)s)")
     s.add_argument("--input-shape", help="C,H,W of one input when no data is given, e.g. 3,32,32")
     s.set_defaults(fn=cmd_bench)
+
+    s = sub.add_parser("anonymize", help="replace every face of a folder by a fake, reversibly, with a flow run",
+                       description="Encode each image with the run's flow (a flow_kd run's teacher Glow or student, "
+                                   "or a flow_mle run's Glow), rotate its latent by a secret orthogonal key drawn "
+                                   "from --key-seed (times --alpha) and decode the fake face, written as a PNG at "
+                                   "the flow's size. `kdforge deanonymize` with the same run, key seed and alpha "
+                                   "gives the faces back. Prints the PSNR between originals and fakes.")
+    _add_anonymize_options(s, "anonymize")
+
+    s = sub.add_parser("deanonymize", help="undo `kdforge anonymize` with the same run, key seed and alpha",
+                       description="Encode each fake with the run's flow, undo the key's rotation (and --alpha) "
+                                   "and decode the original face, written as a PNG. A wrong key seed gives other "
+                                   "faces. With --reference, prints the PSNR against the originals.")
+    _add_anonymize_options(s, "deanonymize")
 
     s = sub.add_parser("demo", help="each method's headline story on generated data (about 3 min for all)",
                        description="Generate small image datasets (no download) and run each story end to end. "

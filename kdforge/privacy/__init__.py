@@ -2,7 +2,9 @@
 (re-identification, recovery with right and wrong keys) and fairness over groups (issue 18).
 
 Pure functions over any encoder and decoder callables (the Glow teacher, the CNN students, or a mix), so the same
-code scores the teacher, the students and every pairing. OpenCV is imported only by the Haar face detector.
+code scores the teacher, the students and every pairing; `anonymize_folder` / `deanonymize_folder` apply them to a
+folder of images with a trained flow run (what `kdforge anonymize` / `kdforge deanonymize` do). OpenCV is imported
+only by the Haar face detector.
 """
 from kdforge.privacy.anonymize import (
     anonymize,
@@ -11,6 +13,7 @@ from kdforge.privacy.anonymize import (
     perturbed_key,
     secret_key,
 )
+from kdforge.privacy.folder import FlowPairInfo, anonymize_folder, deanonymize_folder, load_flow_pair
 from kdforge.privacy.metrics import (
     box_iou,
     face_box_iou,
@@ -22,6 +25,6 @@ from kdforge.privacy.metrics import (
     ssim,
 )
 
-__all__ = ["anonymize", "box_iou", "deanonymize", "face_box_iou", "group_fairness", "haar_face_detector",
-           "largest_face_boxes", "max_key_distance", "perturbed_key", "psnr", "reidentification_rate",
-           "secret_key", "ssim"]
+__all__ = ["FlowPairInfo", "anonymize", "anonymize_folder", "box_iou", "deanonymize", "deanonymize_folder",
+           "face_box_iou", "group_fairness", "haar_face_detector", "largest_face_boxes", "load_flow_pair",
+           "max_key_distance", "perturbed_key", "psnr", "reidentification_rate", "secret_key", "ssim"]
