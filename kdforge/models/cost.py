@@ -5,6 +5,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from kdforge.models.state import no_weight_grads
+
 
 def count_macs(model: nn.Module, *inputs: torch.Tensor) -> int:
     """Multiply-accumulates of one forward pass `model(*inputs)`, counted by FlopCounterMode (FLOPs / 2); works on
@@ -14,6 +16,8 @@ def count_macs(model: nn.Module, *inputs: torch.Tensor) -> int:
     55296
     """
     counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
+    # weights out of autograd too: a module returning a parameter itself (a flow's learned prior) would otherwise
+    # trip the counter's module tracker, which hooks every output that requires grad
+    with no_weight_grads(model), counter, torch.no_grad():
         model(*inputs)
     return counter.get_total_flops() // 2
