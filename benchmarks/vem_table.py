@@ -175,15 +175,18 @@ def report(a: argparse.Namespace, steps: dict[str, int], compute: float, n_runs:
         folder, teacher, batch = TASKS[task]
         names = METRICS[task]
         t_metrics = teacher_metrics(a, task)
+        first = summary_of(a, f"{task}_baseline_seed{a.seeds[0]}")
+        train = first["config"]["train"]
         head = ["row", "params", "MACs", *[LABELS[m] for m in names], "s / step"]
         lines += [f"## {task}: recipes/vem/{folder}/", "",
                   f"Budget: {steps[task]} steps of {batch} per run (one epoch of a fixed {steps[task] * batch}-sample "
-                  f"training subset), Adam 2e-4 (0.5, 0.999), cosine; seeds {a.seeds}; one thread per run. "
+                  f"training subset), Adam {train['lr']:g} {tuple(train['betas'])}, {train['schedule']}; seeds "
+                  f"{a.seeds}; one thread per run. "
                   f"Scored on the {t_metrics.get('fid_samples', '?')} test samples; FID/KID features: "
                   f"`{t_metrics.get('fid_features', '?')}` (a kdforge-trained face classifier, not Inception).", "",
                   "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-        first = summary_of(a, f"{task}_baseline_seed{a.seeds[0]}")
-        tm = [_ms([t_metrics.get(m)], 1e3 if m == "kid" else 1.0) for m in names]
+        tm = [f"{t_metrics[m] * (1e3 if m == 'kid' else 1.0):.2f}" if t_metrics.get(m) is not None else "-"
+              for m in names]
         cost = first["cost"]["teacher"]
         lines.append(f"| teacher `{first['config']['teacher']['name']}` (one run) | {_fmt_count(cost['params'])} | "
                      f"{cost['macs'] / 1e6:.1f} M | " + " | ".join(tm) + " | - |")

@@ -82,7 +82,7 @@ def _run(a: argparse.Namespace, scratch: bool) -> int:
     from kdforge.registry import DISTILLERS
 
     cfg = load_config(a.recipe, a.overrides)
-    if scratch and DISTILLERS.get(cfg.method.name).needs_teacher:
+    if scratch and not DISTILLERS.get(cfg.method.name).trains_alone:
         # `kdforge train` trains without a teacher: a teacher-free method (scratch, pix2pix, dcgan) runs as the
         # recipe says; any other is replaced by scratch, its options dropped (they are the distiller's)
         cfg = load_config(a.recipe, [*a.overrides, "method=scratch"])

@@ -59,9 +59,9 @@ def build_model_from_config(mc: ModelConfig, num_classes: int | None = None, rol
 
 
 def uses_teacher(cfg: RunConfig) -> bool:
-    """Whether the run builds its teacher: the recipe names one and the method needs one (not scratch, pix2pix,
-    dcgan: `needs_teacher = False`)."""
-    return cfg.teacher is not None and DISTILLERS.get(cfg.method.name).needs_teacher
+    """Whether the run builds its teacher: the recipe names one and the method uses it (not scratch, pix2pix, dcgan,
+    flow_mle: `trains_alone`)."""
+    return cfg.teacher is not None and not DISTILLERS.get(cfg.method.name).trains_alone
 
 
 def _evaluator(cfg: RunConfig):

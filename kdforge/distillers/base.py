@@ -186,6 +186,10 @@ class Distiller(nn.Module):
     teacher_features: tuple[str, ...] = ()
     student_features: tuple[str, ...] = ()
     needs_teacher: bool = True
+    #: a method that trains its network alone and ignores any teacher (scratch, and the GAN / flow training loops);
+    #: `kdforge train` runs these as written, and a recipe run never builds their teacher. (AD and MFD-F need no
+    #: teacher but use one when given: needs_teacher False, trains_alone False.)
+    trains_alone: bool = False
     #: what the method's networks are: "classifier" (logits out) or "generator" (images out: GAN training and
     #: generator distillation), for tools and tests that only make sense for one kind
     model_kind: str = "classifier"

@@ -37,6 +37,7 @@ from kdforge.registry import DISTILLERS
 @DISTILLERS.register("dcgan")
 class DCGAN(Distiller):
     needs_teacher = False
+    trains_alone = True
     main_optimizer = None  # G and D are both stepped inside training_step
     model_kind = "generator"
 

@@ -34,6 +34,7 @@ def check_flow(flow: nn.Module, role: str) -> None:
 @DISTILLERS.register("flow_mle")
 class FlowMLE(Distiller):
     needs_teacher = False
+    trains_alone = True
     model_kind = "flow"
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, *, bpd_weight: float = 1.0,

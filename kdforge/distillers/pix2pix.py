@@ -40,6 +40,7 @@ def to_unit(images: torch.Tensor) -> torch.Tensor:
 @DISTILLERS.register("pix2pix")
 class Pix2Pix(Distiller):
     needs_teacher = False
+    trains_alone = True
     main_optimizer = None  # G and D are both stepped inside training_step
     model_kind = "generator"
 

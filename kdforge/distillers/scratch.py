@@ -14,6 +14,7 @@ class Scratch(Distiller):
     """ce_weight * CE(student(x), y), with optional label smoothing; the teacher, if given, is ignored."""
 
     needs_teacher = False
+    trains_alone = True
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, *, ce_weight: float = 1.0,
                  label_smoothing: float = 0.0):

@@ -135,11 +135,11 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _needs_teacher(method: Any) -> bool:
+def _uses_teacher(method: Any) -> bool:
     from kdforge.registry import DISTILLERS, RegistryError
 
     try:
-        return bool(DISTILLERS.get(str(method)).needs_teacher)
+        return not DISTILLERS.get(str(method)).trains_alone
     except RegistryError:  # a run of a method this install does not have: keep its teacher as it is
         return True
 
@@ -148,7 +148,7 @@ def experiment_fields(config: dict[str, Any], *, with_seed: bool) -> dict[str, A
     """The flattened config that defines what was trained (run-only keys dropped; seed kept or not)."""
     flat = flatten(config)
     # a teacher-free method (scratch, pix2pix, dcgan) ignores a teacher section: it does not make the run different
-    unused_teacher = not _needs_teacher(flat.get("method.name"))
+    unused_teacher = not _uses_teacher(flat.get("method.name"))
     return {k: v for k, v in flat.items() if k not in RUN_ONLY_KEYS and (with_seed or k != "seed")
             and not (unused_teacher and (k == "teacher" or k.startswith("teacher.")))}
 
