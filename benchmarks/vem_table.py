@@ -68,15 +68,11 @@ def _weights(runs: Path, name: str) -> str:
 
 def prepare(a: argparse.Namespace) -> None:
     """The face classifier (FID features, downstream score), then both teachers, as their recipes say."""
-    jobs = [("train", CLASSIFIER, [])]
-    for task in a.tasks:
-        folder, teacher, _ = TASKS[task]
-        jobs.append(("train", f"recipes/vem/{folder}/{teacher}.yaml", []))
-    for verb, recipe, extra in jobs:
-        log = a.runs / f"{Path(recipe).stem}.log"
-        print(f"kdforge {verb} {recipe} ...", flush=True)
-        _run([sys.executable, "-m", "kdforge", verb, recipe, *_sets([f"out_dir={a.runs}", "train.progress=false",
-                                                                      *extra])], log)
+    recipes = [CLASSIFIER] + [f"recipes/vem/{TASKS[t][0]}/{TASKS[t][1]}.yaml" for t in a.tasks]
+    for recipe in recipes:
+        print(f"kdforge train {recipe} ...", flush=True)
+        _run([sys.executable, "-m", "kdforge", "train", recipe,
+              *_sets([f"out_dir={a.runs}", "train.progress=false"])], a.runs / f"{Path(recipe).stem}.log")
 
 
 def row_command(a: argparse.Namespace, task: str, row: str, seed: int, steps: int,

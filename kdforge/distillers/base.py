@@ -284,13 +284,19 @@ class Distiller(nn.Module):
         assert self.teacher is not None
         return self.teacher(batch["image"])
 
+    def unsaved_modules(self) -> tuple[str, ...]:
+        """Submodules left out of checkpoints because they are rebuilt from their own weights files: the frozen
+        teacher here; a method adds fixed feature networks (and drops a teacher it trains)."""
+        return ("teacher",)
+
     def state_for_checkpoint(self) -> dict[str, torch.Tensor]:
-        """Everything but the frozen teacher (rebuilt from its own weights on resume)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("teacher.")}
+        """Everything but the `unsaved_modules` (the frozen teacher, rebuilt from its own weights on resume)."""
+        skip = tuple(f"{m}." for m in self.unsaved_modules())
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(skip)}
 
     def load_from_checkpoint(self, state: dict[str, torch.Tensor]) -> None:
         missing, unexpected = self.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith("teacher.")]
+        missing = [k for k in missing if not k.startswith(tuple(f"{m}." for m in self.unsaved_modules()))]
         if missing or unexpected:
             raise ValueError(f"checkpoint does not match {type(self).__name__}: missing {missing[:10]}, "
                                f"unexpected {unexpected[:10]}")

@@ -24,54 +24,35 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdforge.distillers.base import Batch, Distiller
-from kdforge.distillers.gan_base import generator_input, z_dim_of
+from kdforge.distillers.base import Batch
+from kdforge.distillers.gan_base import GANTraining, generator_input, network, z_dim_of
 from kdforge.distillers.pix2pix import to_unit
-from kdforge.engine.optim import build_optimizer
 from kdforge.losses.gan import check_gan_loss, discriminator_loss, generator_loss
-from kdforge.models import build_model
 from kdforge.models.state import keep_running_stats, no_weight_grads
 from kdforge.registry import DISTILLERS
 
 
 @DISTILLERS.register("dcgan")
-class DCGAN(Distiller):
-    needs_teacher = False
-    trains_alone = True
-    main_optimizer = None  # G and D are both stepped inside training_step
-    model_kind = "generator"
+class DCGAN(GANTraining):
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, *,
                  input_shape: tuple[int, ...] | None = None, discriminator: str | nn.Module = "sn_discriminator",
                  discriminator_options: dict[str, Any] | None = None, gan_loss: str = "hinge", d_steps: int = 1,
                  discriminator_lr: float | None = None, snapshot_size: int = 64, snapshot_seed: int = 0) -> None:
-        super().__init__(student, None)  # a teacher, if given, is ignored (as scratch does)
         z_dim = z_dim_of(student)
         if z_dim is None:
             raise TypeError(f"dcgan: the generator ({type(student).__name__}) needs an int attribute z_dim")
         check_gan_loss("dcgan", gan_loss)
         if d_steps < 1 or (discriminator_lr is not None and discriminator_lr <= 0):
             raise ValueError(f"dcgan: d_steps must be >= 1 and discriminator_lr > 0, got {d_steps}, {discriminator_lr}")
-        if isinstance(discriminator, nn.Module):
-            if discriminator_options:
-                raise ValueError("dcgan: discriminator_options apply to a discriminator built by name")
-            self.discriminator = discriminator
-        else:
-            channels = input_shape[0] if input_shape else getattr(student, "out_channels", 3)
-            size = input_shape[-1] if input_shape else getattr(student, "img_size", 32)
-            defaults = {"in_channels": channels, "img_size": size}
-            self.discriminator = build_model(discriminator, **{**defaults, **(discriminator_options or {})})
-        self.gan_loss, self.d_steps, self.discriminator_lr = gan_loss, int(d_steps), discriminator_lr
+        channels = input_shape[0] if input_shape else getattr(student, "out_channels", 3)
+        size = input_shape[-1] if input_shape else getattr(student, "img_size", 32)
+        defaults = {"in_channels": channels, "img_size": size}
+        super().__init__(student, network(discriminator, discriminator_options, defaults, method="dcgan",
+                                          role="discriminator"), discriminator_lr)
+        self.gan_loss, self.d_steps = gan_loss, int(d_steps)
         g = torch.Generator().manual_seed(snapshot_seed)  # fixed codes, without touching the global RNG
         self.register_buffer("snapshot_z", torch.randn(snapshot_size, z_dim, generator=g))
-
-    def networks(self) -> dict[str, nn.Module]:
-        return {"student": self.student, "discriminator": self.discriminator}
-
-    def configure_optimizers(self, stage: str, cfg: Any, steps: int) -> dict[str, Any]:
-        gen = build_optimizer(self.student.parameters(), cfg)
-        disc = build_optimizer(self.discriminator.parameters(), cfg, lr=self.discriminator_lr)
-        return {"generator": gen, "discriminator": (disc, "")}  # "": the recipe's schedule for D too
 
     def _fake(self, like: torch.Tensor) -> torch.Tensor:
         """G's images for fresh codes, as many as `like` has images."""
@@ -96,10 +77,6 @@ class DCGAN(Distiller):
             gen = generator_loss(d(self._fake(chunks[0])), self.gan_loss)
         self.optimizer_step("generator", gen)
         return {"disc": disc / len(chunks), "gen": gen.detach()}
-
-    @torch.no_grad()
-    def predict(self, batch: Batch) -> torch.Tensor:
-        return self.student(generator_input(self.student, batch, train=False))
 
     @torch.no_grad()
     def epoch_snapshot(self) -> dict[str, Any]:

@@ -88,14 +88,8 @@ class FlowKD(Distiller):
     def networks(self) -> dict[str, nn.Module]:
         return {"student": self.student, "encoder": self.student.encoder, "decoder": self.student.decoder}
 
-    def state_for_checkpoint(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in super().state_for_checkpoint().items() if not k.startswith("feature_net.")}
-
-    def load_from_checkpoint(self, state: dict[str, torch.Tensor]) -> None:
-        missing, unexpected = self.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith(("teacher.", "feature_net."))]
-        if missing or unexpected:
-            raise ValueError(f"checkpoint does not match FlowKD: missing {missing[:10]}, unexpected {unexpected[:10]}")
+    def unsaved_modules(self) -> tuple[str, ...]:
+        return ("teacher", "feature_net")
 
     # ------------------------------------------------------------------ the teacher, both ways
     def teacher_encode(self, x: torch.Tensor) -> list[torch.Tensor]:

@@ -16,6 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdforge.distillers.base import Batch, Distiller
+from kdforge.engine.optim import build_optimizer
+from kdforge.models import build_model
+
 #: added to a sample's index to seed its evaluation code, so the codes differ from any small seed a user picks
 EVAL_CODE_SEED = 2_147_000_000
 
@@ -59,3 +63,42 @@ def generator_input(generator: nn.Module, batch: dict[str, Any], *, train: bool)
 def real_images(batch: dict[str, Any]) -> torch.Tensor:
     """The real images generated ones are compared with: the paired target, else the batch's images."""
     return batch["target"] if "target" in batch else batch["image"]
+
+
+def network(spec: str | nn.Module, options: dict[str, Any] | None, defaults: dict[str, Any], *, method: str,
+            role: str) -> nn.Module:
+    """A method's extra network (discriminator, energy model): a given module as it is, or one built by registered
+    name with `defaults` (sizes read from the data) under the recipe's `<role>_options`."""
+    if isinstance(spec, nn.Module):
+        if options:
+            raise ValueError(f"{method}: {role}_options apply to a {role} built by name, not to a given module")
+        return spec
+    return build_model(spec, **{**defaults, **(options or {})})
+
+
+class GANTraining(Distiller):
+    """Base of the GAN training loops (pix2pix, dcgan): the recipe's `student` is the generator G, trained alone
+    against `discriminator`; both are stepped inside `training_step`, "generator" with the recipe's optimiser and
+    "discriminator" with the same at `discriminator_lr` (default: the recipe's lr), both on the recipe's schedule.
+    `predict` is G's image for the batch (`generator_input`: its image, or the sample's fixed code)."""
+
+    needs_teacher = False
+    trains_alone = True
+    main_optimizer = None
+    model_kind = "generator"
+
+    def __init__(self, student: nn.Module, discriminator: nn.Module, discriminator_lr: float | None) -> None:
+        super().__init__(student, None)  # a teacher, if given, is ignored (as scratch does)
+        self.discriminator, self.discriminator_lr = discriminator, discriminator_lr
+
+    def networks(self) -> dict[str, nn.Module]:
+        return {"student": self.student, "discriminator": self.discriminator}
+
+    def configure_optimizers(self, stage: str, cfg: Any, steps: int) -> dict[str, Any]:
+        gen = build_optimizer(self.student.parameters(), cfg)
+        disc = build_optimizer(self.discriminator.parameters(), cfg, lr=self.discriminator_lr)
+        return {"generator": gen, "discriminator": (disc, "")}  # "": the recipe's schedule for D too
+
+    @torch.no_grad()
+    def predict(self, batch: Batch) -> torch.Tensor:
+        return self.student(generator_input(self.student, batch, train=False))

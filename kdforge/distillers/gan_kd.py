@@ -33,12 +33,11 @@ from torch import nn
 
 from kdforge.distillers.base import Batch, Distiller
 from kdforge.distillers.feature_base import check_weights
-from kdforge.distillers.gan_base import generator_input, real_images, z_dim_of
+from kdforge.distillers.gan_base import generator_input, network, real_images, z_dim_of
 from kdforge.distillers.pix2pix import to_unit
 from kdforge.engine.optim import build_optimizer
 from kdforge.losses.gan import check_gan_loss, discriminator_loss, generator_loss
 from kdforge.losses.vem import feature_mimic_loss, ssim, style_loss, total_variation
-from kdforge.models import build_model
 from kdforge.models.feature_net import build_feature_net
 from kdforge.models.state import keep_running_stats, no_weight_grads
 from kdforge.registry import DISTILLERS
@@ -128,11 +127,9 @@ class GeneratorKD(Distiller):
         return f"codes of {z_dim}" if z_dim is not None else "images"
 
     def _build_discriminator(self, spec: str | nn.Module | None, options: dict[str, Any]) -> nn.Module:
-        if isinstance(spec, nn.Module):
-            return spec
         size = self.input_shape[-1] if self.z_dim is None else getattr(self.student, "img_size", 32)
         name = spec or ("sn_discriminator" if self.z_dim is not None else "patchgan_discriminator")
-        return build_model(name, **{"img_size": size, **options})
+        return network(name, options, {"img_size": size}, method=self.method, role="discriminator")
 
     # ------------------------------------------------------------------ contract
     def train(self, mode: bool = True) -> GeneratorKD:
@@ -159,19 +156,9 @@ class GeneratorKD(Distiller):
             opts["teacher"] = torch.optim.Adam(self.teacher.parameters(), lr=self.teacher_lr, betas=(0.5, 0.999))
         return opts
 
-    def state_for_checkpoint(self) -> dict[str, torch.Tensor]:
-        """The online teacher is trained, so it is saved; a frozen feature network never is."""
-        def kept(key: str) -> bool:
-            return not key.startswith("feature_net.") and (self.online_teacher or not key.startswith("teacher."))
-
-        return {k: v for k, v in self.state_dict().items() if kept(k)}
-
-    def load_from_checkpoint(self, state: dict[str, torch.Tensor]) -> None:
-        missing, unexpected = self.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith(("teacher.", "feature_net."))]
-        if missing or unexpected:
-            raise ValueError(f"checkpoint does not match {type(self).__name__}: missing {missing[:10]}, "
-                             f"unexpected {unexpected[:10]}")
+    def unsaved_modules(self) -> tuple[str, ...]:
+        """A frozen feature network is never saved; an online teacher trains, so it is."""
+        return ("feature_net",) + (() if self.online_teacher else ("teacher",))
 
     @torch.no_grad()
     def predict(self, batch: Batch) -> torch.Tensor:

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from kdforge.distillers.base import Batch, Distiller
+from kdforge.distillers.gan_base import network
 from kdforge.engine.optim import SCHEDULES, build_optimizer
-from kdforge.models import build_model
 from kdforge.models.state import keep_running_stats, no_weight_grads  # noqa: F401  (re-exported)
 from kdforge.registry import did_you_mean
 
@@ -57,13 +57,8 @@ class GeneratorDistiller(Distiller):
                              f"{did_you_mean(str(generator_schedule), [*SCHEDULES, 'recipe'])} (null: constant lr, "
                              f"'recipe': the train section's schedule, or one of {', '.join(SCHEDULES)})")
         size = _img_size(self.method, img_size, input_shape)
-        if isinstance(generator, nn.Module):
-            if generator_options:
-                raise ValueError(f"{self.method}: generator_options apply to a generator built by name, "
-                                 "not to a given module")
-            self.generator = generator
-        else:
-            self.generator = build_model(generator, **{"img_size": size, **(generator_options or {})})
+        self.generator = network(generator, generator_options, {"img_size": size}, method=self.method,
+                                 role="generator")
         if not isinstance(getattr(self.generator, "z_dim", None), int):
             raise TypeError(f"{self.method}: the generator ({type(self.generator).__name__}) needs an int attribute "
                             "z_dim, the size of the codes it takes")

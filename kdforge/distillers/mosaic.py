@@ -25,10 +25,10 @@ from torch import nn
 from torch.profiler import record_function
 
 from kdforge.distillers.base import Batch
+from kdforge.distillers.gan_base import network
 from kdforge.distillers.generator_base import GeneratorDistiller, keep_running_stats, no_weight_grads
 from kdforge.losses import kd_div
 from kdforge.losses.mosaic import generator_terms, patch_gan_loss
-from kdforge.models import build_model
 from kdforge.registry import DISTILLERS
 
 
@@ -55,14 +55,9 @@ class MosaicKD(GeneratorDistiller):
             raise ValueError("mosaic: weights must be >= 0 and temperature > 0")
         if student_steps < 1:
             raise ValueError(f"mosaic: student_steps must be >= 1, got {student_steps}")
-        if isinstance(discriminator, nn.Module):
-            if discriminator_options:
-                raise ValueError("mosaic: discriminator_options apply to a discriminator built by name, not to a "
-                                 "given module")
-            self.discriminator = discriminator
-        else:
-            size = self.input_shape[-1] if self.input_shape else getattr(self.generator, "img_size", 32)
-            self.discriminator = build_model(discriminator, **{"img_size": size, **(discriminator_options or {})})
+        size = self.input_shape[-1] if self.input_shape else getattr(self.generator, "img_size", 32)
+        self.discriminator = network(discriminator, discriminator_options, {"img_size": size}, method="mosaic",
+                                     role="discriminator")
         self.weights = dict(adv_weight=adv_weight, align_weight=align_weight, local_weight=local_weight,
                             balance_weight=balance_weight)
         self.temperature, self.student_steps = temperature, student_steps

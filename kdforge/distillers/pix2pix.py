@@ -23,11 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdforge.distillers.base import Batch, Distiller
-from kdforge.distillers.gan_base import generator_input, real_images
-from kdforge.engine.optim import build_optimizer
+from kdforge.distillers.base import Batch
+from kdforge.distillers.gan_base import GANTraining, network, real_images
 from kdforge.losses.gan import check_gan_loss, discriminator_loss, generator_loss
-from kdforge.models import build_model
 from kdforge.models.state import keep_running_stats, no_weight_grads
 from kdforge.registry import DISTILLERS
 
@@ -38,32 +36,22 @@ def to_unit(images: torch.Tensor) -> torch.Tensor:
 
 
 @DISTILLERS.register("pix2pix")
-class Pix2Pix(Distiller):
-    needs_teacher = False
-    trains_alone = True
-    main_optimizer = None  # G and D are both stepped inside training_step
-    model_kind = "generator"
+class Pix2Pix(GANTraining):
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, *,
                  input_shape: tuple[int, ...] | None = None, discriminator: str | nn.Module = "patchgan_discriminator",
                  discriminator_options: dict[str, Any] | None = None, l1_weight: float = 100.0,
                  gan_weight: float = 1.0, gan_loss: str = "vanilla", discriminator_lr: float | None = None,
                  snapshot_size: int = 8) -> None:
-        super().__init__(student, None)  # a teacher, if given, is ignored (as scratch does)
         check_gan_loss("pix2pix", gan_loss)
         if min(l1_weight, gan_weight) < 0 or (discriminator_lr is not None and discriminator_lr <= 0):
             raise ValueError("pix2pix: l1_weight and gan_weight must be >= 0, discriminator_lr > 0")
         c_in, size = self._input_shape(student, input_shape)
         c_out = getattr(student, "out_channels", c_in)
-        if isinstance(discriminator, nn.Module):
-            if discriminator_options:
-                raise ValueError("pix2pix: discriminator_options apply to a discriminator built by name")
-            self.discriminator = discriminator
-        else:
-            defaults = {"in_channels": c_out, "cond_channels": c_in, "img_size": size}
-            self.discriminator = build_model(discriminator, **{**defaults, **(discriminator_options or {})})
+        defaults = {"in_channels": c_out, "cond_channels": c_in, "img_size": size}
+        super().__init__(student, network(discriminator, discriminator_options, defaults, method="pix2pix",
+                                          role="discriminator"), discriminator_lr)
         self.l1_weight, self.gan_weight, self.gan_loss = float(l1_weight), float(gan_weight), gan_loss
-        self.discriminator_lr = discriminator_lr
         # the snapshot's fixed samples: filled from the first training batch, saved with the checkpoints
         self.register_buffer("snapshot_input", torch.zeros(snapshot_size, c_in, size, size))
         self.register_buffer("snapshot_target", torch.zeros(snapshot_size, c_out, size, size))
@@ -77,14 +65,6 @@ class Pix2Pix(Distiller):
         if hasattr(student, "in_channels") and hasattr(student, "img_size"):
             return int(student.in_channels), int(student.img_size)
         raise ValueError("pix2pix: pass input_shape=(C, H, W) of the inputs (the loader did not say it)")
-
-    def networks(self) -> dict[str, nn.Module]:
-        return {"student": self.student, "discriminator": self.discriminator}
-
-    def configure_optimizers(self, stage: str, cfg: Any, steps: int) -> dict[str, Any]:
-        gen = build_optimizer(self.student.parameters(), cfg)
-        disc = build_optimizer(self.discriminator.parameters(), cfg, lr=self.discriminator_lr)
-        return {"generator": gen, "discriminator": (disc, "")}  # "": the recipe's schedule for D too
 
     def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         x, y = batch["image"], real_images(batch)
@@ -110,10 +90,6 @@ class Pix2Pix(Distiller):
             self.snapshot_input[:n].copy_(x[:n])
             self.snapshot_target[:n].copy_(y[:n])
             self.snapshot_count.fill_(n)
-
-    @torch.no_grad()
-    def predict(self, batch: Batch) -> torch.Tensor:
-        return self.student(generator_input(self.student, batch, train=False))
 
     @torch.no_grad()
     def epoch_snapshot(self) -> dict[str, Any]:

@@ -23,10 +23,9 @@ import torch
 from torch import nn
 
 from kdforge.distillers.base import Batch
-from kdforge.distillers.gan_base import real_images
+from kdforge.distillers.gan_base import network, real_images
 from kdforge.distillers.gan_kd import GeneratorKD
 from kdforge.losses.vem import energy_model_loss, langevin_sample, vem_student_loss
-from kdforge.models import build_model
 from kdforge.registry import DISTILLERS
 
 CHAIN_INITS = ("student", "noise", "teacher")
@@ -65,11 +64,8 @@ class VEM(GeneratorKD):
         if langevin_steps < 0 or not langevin_step_size > 0 or langevin_noise < 0 or energy_reg_weight < 0:
             raise ValueError("vem: need langevin_steps >= 0, langevin_step_size > 0, langevin_noise >= 0 and "
                              "energy_reg_weight >= 0")
-        if isinstance(energy, nn.Module):
-            self.energy = energy
-        else:
-            size = self.input_shape[-1] if self.z_dim is None else getattr(student, "img_size", 32)
-            self.energy = build_model(energy, **{"img_size": size, **(energy_options or {})})
+        size = self.input_shape[-1] if self.z_dim is None else getattr(student, "img_size", 32)
+        self.energy = network(energy, energy_options, {"img_size": size}, method="vem", role="energy")
         self.energy_lr, self.energy_betas = float(energy_lr), tuple(energy_betas)
         self.energy_reg_weight = float(energy_reg_weight)
         self.chain = dict(steps=int(langevin_steps), step_size=float(langevin_step_size),

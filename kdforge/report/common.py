@@ -135,7 +135,8 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _uses_teacher(method: Any) -> bool:
+def method_uses_teacher(method: Any) -> bool:
+    """Whether a method of this name uses a teacher it is given (not scratch, pix2pix, dcgan, flow_mle)."""
     from kdforge.registry import DISTILLERS, RegistryError
 
     try:
@@ -148,7 +149,7 @@ def experiment_fields(config: dict[str, Any], *, with_seed: bool) -> dict[str, A
     """The flattened config that defines what was trained (run-only keys dropped; seed kept or not)."""
     flat = flatten(config)
     # a teacher-free method (scratch, pix2pix, dcgan) ignores a teacher section: it does not make the run different
-    unused_teacher = not _uses_teacher(flat.get("method.name"))
+    unused_teacher = not method_uses_teacher(flat.get("method.name"))
     return {k: v for k, v in flat.items() if k not in RUN_ONLY_KEYS and (with_seed or k != "seed")
             and not (unused_teacher and (k == "teacher" or k.startswith("teacher.")))}
 

@@ -17,6 +17,7 @@ from kdforge.report.common import (
     fmt,
     label_names,
     list_names,
+    method_uses_teacher,
     metric_label,
     scalar_names,
     to_number,
@@ -88,12 +89,6 @@ def _cost(result: Any) -> dict[str, dict[str, int]]:
     return out
 
 
-def _uses_teacher(cfg: Any) -> bool:
-    from kdforge.recipe import uses_teacher  # kdforge.recipe writes this report
-
-    return uses_teacher(cfg)
-
-
 def summarize(cfg: Any, result: Any, history: list[dict[str, Any]], *, monitor: str = "top1", mode: str = "max",
               evaluator: str = "classification") -> dict[str, Any]:
     """What summary.json holds: identity, configuration, final metrics (student and teacher), best, sizes, time."""
@@ -107,7 +102,7 @@ def summarize(cfg: Any, result: Any, history: list[dict[str, Any]], *, monitor: 
         "method": cfg.method.name,
         "method_options": conf["method"],
         "student": cfg.student.name,
-        "teacher": cfg.teacher.name if _uses_teacher(cfg) else None,
+        "teacher": cfg.teacher.name if cfg.teacher is not None and method_uses_teacher(cfg.method.name) else None,
         "epochs": cfg.train.epochs,
         "evaluator": evaluator,
         "metrics": metrics,
