@@ -16,6 +16,7 @@ from kdforge.config import TrainConfig
 from kdforge.engine.trainer import Trainer
 from kdforge.losses.vem import ssim
 from kdforge.models import build_model
+from kdforge.models.feature_net import FrozenFeatures
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 SIZE = 16
@@ -51,13 +52,75 @@ def _ready(d, stage):
 
 
 def test_decoder_stage_is_l1_plus_ssim_of_the_teachers_latents_decoded():
-    d = _ready(_kd(l1_weight=2.0, perceptual_weight=3.0), "decoder")
+    d = _ready(_kd(l1_weight=2.0, ssim_weight=3.0), "decoder")
     batch = _batches()[0]
     out = d.training_step(batch)
     x = d.teacher.preprocess(batch["image"])
     recon = d.student.decoder(d.teacher.encode(x, standardized=True))
     torch.testing.assert_close(out["l1"], 2.0 * (recon - x).abs().mean())
-    torch.testing.assert_close(out["perceptual"], 3.0 * (1 - ssim(recon, x, data_range=1.0)))
+    torch.testing.assert_close(out["ssim"], 3.0 * (1 - ssim(recon, x, data_range=1.0)))
+    assert set(out) == {"l1", "ssim"}
+
+
+def test_baseline_terms_follow_their_formulas():
+    # MSE, wavelet (WKD), total variation (OMGD) against naive versions written here
+    d = _ready(_kd(l1_weight=0.0, ssim_weight=0.0, mse_weight=2.0, wavelet_weight=3.0, wavelet_levels=2,
+                   tv_weight=0.5), "decoder")
+    batch = _batches()[0]
+    out = d.training_step(batch)
+    x = d.teacher.preprocess(batch["image"])
+    recon = d.student.decoder(d.teacher.encode(x, standardized=True))
+    torch.testing.assert_close(out["mse"], 2.0 * ((recon - x) ** 2).mean())
+    tv = sum(((r[:, 1:] - r[:, :-1]).abs().sum() + (r[:, :, 1:] - r[:, :, :-1]).abs().sum()) for r in recon)
+    torch.testing.assert_close(out["tv"], 0.5 * tv / len(recon))
+
+    def highs(img, levels):  # naive Haar: every 2 x 2 block's three orthonormal details, then recurse on the mean
+        bands = []
+        for _ in range(levels):
+            n, c, h, w = img.shape
+            low, det = torch.zeros(n, c, h // 2, w // 2), torch.zeros(n, 3, c, h // 2, w // 2)
+            for i in range(h // 2):
+                for j in range(w // 2):
+                    a, b_, c_, d_ = (img[:, :, 2 * i, 2 * j], img[:, :, 2 * i, 2 * j + 1],
+                                     img[:, :, 2 * i + 1, 2 * j], img[:, :, 2 * i + 1, 2 * j + 1])
+                    low[:, :, i, j] = (a + b_ + c_ + d_) / 2
+                    det[:, 0, :, i, j], det[:, 1, :, i, j] = (a + b_ - c_ - d_) / 2, (a - b_ + c_ - d_) / 2
+                    det[:, 2, :, i, j] = (a - b_ - c_ + d_) / 2
+            bands.append(det)
+            img = low
+        return bands
+
+    naive = sum((hs - ht).abs().mean() for hs, ht in zip(highs(recon.detach(), 2), highs(x, 2))) / 2
+    torch.testing.assert_close(out["wavelet"].detach(), 3.0 * naive)
+
+
+def test_samples_mode_distils_the_decoder_on_prior_samples_without_data():
+    # Baranchuk et al. 2021: z ~ N(0, T^2 I), the student decoder regresses the teacher's D_t(z)
+    d = _ready(_kd(decoder_data="samples", sample_temperature=0.8, ssim_weight=0.0), "decoder")
+    torch.manual_seed(5)
+    out = d.training_step(_batches()[0])
+    torch.manual_seed(5)
+    eps = [torch.randn(4, *shape) * 0.8 for shape in d.teacher.latent_shapes]
+    expect = (d.student.decoder(eps) - d.teacher.decode(eps, standardized=True)).abs().mean()
+    torch.testing.assert_close(out["l1"], expect)
+
+
+def test_feature_and_style_terms_use_the_named_feature_network():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 5, 3))
+    d = _ready(_kd(l1_weight=0.0, ssim_weight=0.0, feature_weight=2.0, style_weight=3.0,
+                   feature_net=FrozenFeatures(net, ["1", "2"])), "decoder")
+    batch = _batches()[0]
+    out = d.training_step(batch)
+    x = d.teacher.preprocess(batch["image"])
+    recon = d.student.decoder(d.teacher.encode(x, standardized=True))
+    fs, ft = d.feature_net(recon), d.feature_net(x)
+    assert len(fs) == 2
+    torch.testing.assert_close(out["feature"], 2.0 * sum((a - b).abs().mean() for a, b in zip(fs, ft)))
+
+    def gram(f):
+        flat = f.flatten(2)
+        return flat @ flat.transpose(1, 2) / flat[0].numel()
+    torch.testing.assert_close(out["style"], 3.0 * sum((gram(a) - gram(b)).abs().mean() for a, b in zip(fs, ft)))
 
 
 @pytest.mark.parametrize("encoder_loss", ["weighted", "as_printed"])
@@ -92,8 +155,14 @@ def test_two_stages_need_two_epochs_and_bad_options_are_named():
     with pytest.raises(ValueError, match="epochs must be >= 2"):
         _kd().stages(1)
     assert [(s.name, s.epochs) for s in _kd(decoder_share=0.25).stages(8)] == [("decoder", 2), ("encoder", 6)]
-    with pytest.raises(ValueError, match="perceptual"):
-        _kd(perceptual="lpips")
+    with pytest.raises(ValueError, match="decoder_data"):
+        _kd(decoder_data="noise")
+    with pytest.raises(ValueError, match="weight 0"):
+        _kd(l1_weight=0.0, ssim_weight=0.0)
+    with pytest.raises(ValueError, match="feature_net"):
+        _kd(style_weight=1.0)
+    with pytest.raises(ValueError, match="backbone_weights"):
+        _kd(lpips_weight=1.0)
     with pytest.raises(TypeError, match="encoder"):
         build_distiller("flow_kd", build_model("resnet20"), _glow(), _batches())
 

@@ -9,14 +9,24 @@ input space, [-0.5, 0.5]: the loader gives [0, 1] (data.mean = 0, data.std = 1) 
 (the teacher is always in eval mode: bin centres, no noise) maps them.
 
   stage "decoder" (first, `decoder_share` of the epochs; student.encoder frozen):
-      x' = D_s(E_t(x));   l1_weight * mean|x' - x|  +  perceptual_weight * P(x', x)
+      decoder_data "images" (Algorithm 1): x' = D_s(E_t(x)) against the image x;
+      decoder_data "samples" (Baranchuk et al. 2021): eps ~ N(0, T^2 I), x' = D_s(eps) against x = D_t(eps), no data;
+      the sum of the decoder terms below, each with its own weight (0 turns it off)
   stage "encoder" (the rest; student.decoder frozen):
       eps ~ N(0, T^2 I) (T = `sample_temperature`), x_t = D_t(eps), z' = E_s(x_t);
       latent_weight * mean (z' - z)^2, z = eps (standardized) or the teacher's raw z for x_t
 
-P, the perceptual term: the paper's LPIPS needs ImageNet weights that cannot be downloaded here, so it is a named
-substitute: "ssim" (1 - SSIM, kdforge.losses.vem.ssim, data range 1), or "features" (mean |F(x') - F(x)| over the
-layers of a frozen network given in `feature_net` with local weights, e.g. one kdforge trained), or "none".
+Decoder terms (x' against x, images in [-0.5, 0.5]; per-pixel means):
+  l1_weight       mean |x' - x|                         Algorithm 1's pixel term
+  mse_weight      mean (x' - x)^2                       the "MSE" baseline
+  ssim_weight     1 - SSIM(x', x) (data range 1)        the default stand-in for the paper's LPIPS
+  lpips_weight    LPIPS(x', x), torchmetrics' heads on a local backbone file (`lpips: {net, backbone_weights}`),
+                  the paper's term when a user has ImageNet weights (kdforge.losses.image.lpips_network)
+  feature_weight  sum over layers of mean |F(x') - F(x)|, F a frozen `feature_net` with local weights
+  style_weight    Gram-matrix L1 over F's layers (OMGD's style term)
+  tv_weight       total variation of x', summed over each image, averaged over the batch (OMGD: 1e-5)
+  wavelet_weight  mean |high Haar bands of x' - of x| over `wavelet_levels` levels (WKD)
+The paper's perceptual term (its lambda) is whichever of ssim / lpips / feature a recipe weighs: named in every table.
 
 The appendix prints lambda = gamma = 1e4 with "||gamma z - z'||^2". Read literally, the student encoder would learn
 gamma times the teacher's latent, which no decoder expects, so kdforge weighs the error instead (gamma ||z - z'||^2,
@@ -34,13 +44,15 @@ from torch import nn
 
 from kdforge.distillers.base import Batch, Distiller, Stage
 from kdforge.distillers.flow_mle import check_flow
-from kdforge.losses.vem import ssim
+from kdforge.losses.image import lpips_network, wavelet_loss
+from kdforge.losses.vem import ssim, style_loss, total_variation
 from kdforge.models.feature_net import build_feature_net
 from kdforge.models.flow_layout import flatten_latents
 from kdforge.registry import DISTILLERS
 
-PERCEPTUAL = ("ssim", "features", "none")
 ENCODER_LOSSES = ("weighted", "as_printed")
+LATENTS = ("standardized", "raw")
+DECODER_DATA = ("images", "samples")
 
 
 @DISTILLERS.register("flow_kd")
@@ -48,32 +60,40 @@ class FlowKD(Distiller):
     model_kind = "flow"
     predict_scores_teacher = True  # recon_teacher: the flow's own round trip, beside the students' pairings
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, *, l1_weight: float = 1.0,
-                 perceptual_weight: float = 1.0, perceptual: str = "ssim",
-                 feature_net: dict[str, Any] | nn.Module | None = None, latent_weight: float = 1.0,
-                 encoder_loss: str = "weighted", latent: str = "standardized", sample_temperature: float = 1.0,
-                 decoder_share: float = 0.5) -> None:
+    def __init__(self, student: nn.Module, teacher: nn.Module, *, l1_weight: float = 1.0, mse_weight: float = 0.0,
+                 ssim_weight: float = 1.0, lpips_weight: float = 0.0, lpips: dict[str, Any] | None = None,
+                 feature_weight: float = 0.0, style_weight: float = 0.0,
+                 feature_net: dict[str, Any] | nn.Module | None = None, tv_weight: float = 0.0,
+                 wavelet_weight: float = 0.0, wavelet_levels: int = 3, latent_weight: float = 1.0,
+                 encoder_loss: str = "weighted", latent: str = "standardized", decoder_data: str = "images",
+                 sample_temperature: float = 1.0, decoder_share: float = 0.5) -> None:
         super().__init__(student, teacher)
         check_flow(teacher, "teacher")
         if not (hasattr(student, "encoder") and hasattr(student, "decoder")):
             raise TypeError(f"flow_kd: the student ({type(student).__name__}) needs `encoder` and `decoder` "
                             "attributes (`flow_student` has them)")
-        for name, value, allowed in (("perceptual", perceptual, PERCEPTUAL), ("encoder_loss", encoder_loss,
-                                     ENCODER_LOSSES), ("latent", latent, ("standardized", "raw"))):
+        for name, value, allowed in (("encoder_loss", encoder_loss, ENCODER_LOSSES), ("latent", latent, LATENTS),
+                                     ("decoder_data", decoder_data, DECODER_DATA)):
             if value not in allowed:
                 raise ValueError(f"flow_kd: {name} must be one of {', '.join(allowed)}, got {value!r}")
-        if min(l1_weight, perceptual_weight, latent_weight) < 0 or not 0 < decoder_share < 1:
+        self.weights = {"l1": l1_weight, "mse": mse_weight, "ssim": ssim_weight, "lpips": lpips_weight,
+                        "feature": feature_weight, "style": style_weight, "tv": tv_weight, "wavelet": wavelet_weight}
+        if min(*self.weights.values(), latent_weight) < 0 or not 0 < decoder_share < 1:
             raise ValueError("flow_kd: weights must be >= 0 and decoder_share in (0, 1)")
-        self.feature_net = None
-        if perceptual == "features":
+        if not any(self.weights.values()):
+            raise ValueError("flow_kd: every decoder term has weight 0: the decoder stage would learn nothing")
+        self.feature_net = self.lpips = None
+        if feature_weight or style_weight:
             if feature_net is None:
-                raise ValueError("flow_kd: perceptual 'features' needs feature_net: {name, weights, layers}")
+                raise ValueError("flow_kd: feature_weight / style_weight need feature_net: {name, weights, layers}")
             # the flow's images are in [-0.5, 0.5]: x + 0.5 is the [0, 1] image the network's statistics expect
             self.feature_net = build_feature_net(feature_net, image_mean=(0.5,) * 3, image_std=(1.0,) * 3,
                                                  role="flow_kd.feature_net")
-        self.weights = {"l1": l1_weight, "perceptual": perceptual_weight if perceptual != "none" else 0.0,
-                        "latent": latent_weight}
-        self.perceptual, self.encoder_loss, self.standardized = perceptual, encoder_loss, latent == "standardized"
+        if lpips_weight:
+            self.lpips = lpips_network(**(lpips or {}))
+        self.latent_weight, self.wavelet_levels = float(latent_weight), int(wavelet_levels)
+        self.encoder_loss, self.standardized = encoder_loss, latent == "standardized"
+        self.decoder_data = decoder_data
         self.sample_temperature, self.decoder_share = float(sample_temperature), float(decoder_share)
 
     # ------------------------------------------------------------------ stages and networks
@@ -89,7 +109,7 @@ class FlowKD(Distiller):
         return {"student": self.student, "encoder": self.student.encoder, "decoder": self.student.decoder}
 
     def unsaved_modules(self) -> tuple[str, ...]:
-        return ("teacher", "feature_net")
+        return ("teacher", "feature_net", "lpips")
 
     # ------------------------------------------------------------------ the teacher, both ways
     def teacher_encode(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -103,30 +123,46 @@ class FlowKD(Distiller):
     # ------------------------------------------------------------------ Algorithm 1
     def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         x = self.teacher.preprocess(batch["image"])
-        if self.stage == "decoder":
-            return self.decoder_terms(self.student.decoder(self.teacher_encode(x)), x)
-        return self.encoder_terms(x.shape[0], x.device)
+        if self.stage == "encoder":
+            return self.encoder_terms(x.shape[0], x.device)
+        if self.decoder_data == "samples":
+            eps = self.prior_sample(x.shape[0], x.device)
+            return self.decoder_terms(self.student.decoder(eps), self.teacher_decode(eps))
+        return self.decoder_terms(self.student.decoder(self.teacher_encode(x)), x)
+
+    def prior_sample(self, n: int, device: torch.device) -> list[torch.Tensor]:
+        return [torch.randn(n, *shape, device=device) * self.sample_temperature for shape in self.teacher.latent_shapes]
 
     def decoder_terms(self, recon: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
         w, out = self.weights, {}
         if w["l1"]:
             out["l1"] = w["l1"] * F.l1_loss(recon, x)
-        if w["perceptual"]:
-            if self.perceptual == "ssim":
-                p = 1 - ssim(recon, x, data_range=1.0)
-            else:
-                p = sum(F.l1_loss(a, b.detach()) for a, b in zip(self.feature_net(recon), self.feature_net(x)))
-            out["perceptual"] = w["perceptual"] * p
+        if w["mse"]:
+            out["mse"] = w["mse"] * F.mse_loss(recon, x)
+        if w["ssim"]:
+            out["ssim"] = w["ssim"] * (1 - ssim(recon, x, data_range=1.0))
+        if w["lpips"]:
+            out["lpips"] = w["lpips"] * self.lpips(2 * recon, 2 * x).mean()  # LPIPS takes [-1, 1]
+        if w["feature"] or w["style"]:
+            fs, ft = self.feature_net(recon), [f.detach() for f in self.feature_net(x)]
+            if w["feature"]:
+                out["feature"] = w["feature"] * sum(F.l1_loss(a, b) for a, b in zip(fs, ft))
+            if w["style"]:
+                out["style"] = w["style"] * style_loss(fs, ft)
+        if w["tv"]:
+            out["tv"] = w["tv"] * total_variation(recon, reduction="mean")
+        if w["wavelet"]:
+            out["wavelet"] = w["wavelet"] * wavelet_loss(recon, x, self.wavelet_levels)
         return out
 
     def encoder_terms(self, n: int, device: torch.device) -> dict[str, torch.Tensor]:
-        eps = [torch.randn(n, *shape, device=device) * self.sample_temperature for shape in self.teacher.latent_shapes]
+        eps = self.prior_sample(n, device)
         x_t = self.teacher_decode(eps)
         z = eps if self.standardized else self.teacher_encode(x_t)
         z_s, z_t = flatten_latents(self.student.encoder(x_t)), flatten_latents(z)
         if self.encoder_loss == "weighted":
-            return {"latent": self.weights["latent"] * F.mse_loss(z_s, z_t)}
-        return {"latent": F.mse_loss(z_s, self.weights["latent"] * z_t)}  # ||gamma z - z'||^2, as printed
+            return {"latent": self.latent_weight * F.mse_loss(z_s, z_t)}
+        return {"latent": F.mse_loss(z_s, self.latent_weight * z_t)}  # ||gamma z - z'||^2, as printed
 
     # ------------------------------------------------------------------ what is scored
     @torch.no_grad()

@@ -5,6 +5,7 @@ its docstring, and is checked against a naive loop in tests/test_losses.py.
 """
 from kdforge.losses import (
     gan,  # noqa: F401  (registers the GAN losses of kdforge.losses.gan)
+    image,  # noqa: F401  (registers the wavelet loss of kdforge.losses.image)
     vem,  # noqa: F401  (registers VEM's and the generator-KD losses of kdforge.losses.vem)
 )
 from kdforge.losses.crd import crd_nce, crd_scores
