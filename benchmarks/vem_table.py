@@ -20,15 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from _common import publish  # noqa: E402  (benchmarks/ is run as a script folder)
+from _common import publish, run_logged, run_plan, set_args  # noqa: E402  (benchmarks/ is run as a script folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = {  # task -> (recipe folder, teacher recipe, batch size)
@@ -50,18 +47,6 @@ LABELS = {"fid": "FID ↓", "kid": "KID ×1e3 ↓", "psnr": "PSNR (dB) ↑", "ss
           "teacher_psnr": "PSNR to teacher (dB) ↑", "downstream_top1": "gender acc. on generated (%) ↑"}
 
 
-def _run(cmd: list[str], log: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    with log.open("w") as f:
-        done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if done.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed (exit {done.returncode}); see {log}")
-
-
-def _sets(pairs: list[str]) -> list[str]:
-    return [a for s in pairs for a in ("--set", s)]
-
-
 def _weights(runs: Path, name: str) -> str:
     return str(runs / name / "checkpoints" / "last.pt")
 
@@ -71,8 +56,8 @@ def prepare(a: argparse.Namespace) -> None:
     recipes = [CLASSIFIER] + [f"recipes/vem/{TASKS[t][0]}/{TASKS[t][1]}.yaml" for t in a.tasks]
     for recipe in recipes:
         print(f"kdforge train {recipe} ...", flush=True)
-        _run([sys.executable, "-m", "kdforge", "train", recipe,
-              *_sets([f"out_dir={a.runs}", "train.progress=false"])], a.runs / f"{Path(recipe).stem}.log")
+        run_logged([sys.executable, "-m", "kdforge", "train", recipe,
+              *set_args([f"out_dir={a.runs}", "train.progress=false"])], a.runs / f"{Path(recipe).stem}.log")
 
 
 def row_command(a: argparse.Namespace, task: str, row: str, seed: int, steps: int,
@@ -88,7 +73,7 @@ def row_command(a: argparse.Namespace, task: str, row: str, seed: int, steps: in
     verb = "train" if row == "student_scratch" else "distill"
     if verb == "distill":
         sets.append(f"teacher.weights={_weights(a.runs, TEACHER_RUNS[task])}")
-    return name, [sys.executable, "-m", "kdforge", verb, recipe, *_sets([*sets, *extra]), "--overwrite"]
+    return name, [sys.executable, "-m", "kdforge", verb, recipe, *set_args([*sets, *extra]), "--overwrite"]
 
 
 def teacher_metrics(a: argparse.Namespace, task: str) -> dict:
@@ -101,7 +86,7 @@ def teacher_metrics(a: argparse.Namespace, task: str) -> dict:
         sets = [f"eval.features.weights={classifier}"] + ([f"eval.classifier.weights={classifier}"]
                                                           if task == "edges" else [])
         out = subprocess.run([sys.executable, "-m", "kdforge", "eval", _weights(a.runs, run), "--recipe",
-                              f"recipes/vem/{folder}/{teacher}.yaml", *_sets(sets)],
+                              f"recipes/vem/{folder}/{teacher}.yaml", *set_args(sets)],
                              cwd=ROOT, capture_output=True, text=True)
         if out.returncode:
             raise RuntimeError(out.stderr[-2000:])
@@ -146,22 +131,7 @@ def main() -> None:
     if "edges" in a.tasks:
         plan += [row_command(a, "edges", "vem", s, steps["edges"], (f"method.mi_weight={lam}",), f"_lambda{lam}")
                  for lam in a.lambdas for s in a.seeds]
-    t0 = time.perf_counter()
-
-    def go(item: tuple[str, list[str]]) -> None:
-        name, cmd = item
-        if (a.runs / "table" / name / "summary.json").exists():
-            return  # finished earlier: a stopped table resumes where it was
-        t = time.perf_counter()
-        _run(cmd, a.runs / "table" / f"{name}.log")
-        seconds = time.perf_counter() - t
-        (a.runs / "table" / f"{name}.seconds").write_text(f"{seconds:.1f}\n")  # the whole process, eval included
-        print(f"{name}: {seconds:.0f} s", flush=True)
-
-    with ThreadPoolExecutor(a.jobs) as pool:
-        list(pool.map(go, plan))
-    print(f"all runs done in {(time.perf_counter() - t0) / 60:.0f} min", flush=True)
-    compute = sum(float((a.runs / "table" / f"{name}.seconds").read_text()) for name, _ in plan)
+    compute = run_plan(plan, a.runs / "table", a.jobs)
     publish(report(a, steps, compute, len(plan)), a.results)
 
 

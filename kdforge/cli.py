@@ -210,6 +210,7 @@ def _add_anonymize_options(s: argparse.ArgumentParser, direction: str) -> None:
 def cmd_demo(a: argparse.Namespace) -> int:
     from kdforge.demo import run_demo
     from kdforge.demo_fair import run_fair_demo
+    from kdforge.demo_flow import run_flow_demo
     from kdforge.demo_gan import run_gan_demo
     from kdforge.demo_mosaic import run_mosaic_demo
 
@@ -222,6 +223,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
         run_mosaic_demo(out / "mosaic", quick=a.quick, progress=not a.no_progress)
     if a.name == "gan":  # by name only, as mosaic
         run_gan_demo(out / "gan", quick=a.quick, progress=not a.no_progress)
+    if a.name == "flow":  # by name only, as mosaic
+        run_flow_demo(out / "flow", quick=a.quick, progress=not a.no_progress)
     return 0
 
 
@@ -387,8 +390,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "generated classes distilled from ten other classes only, by blind KD and by "
                                    "MosaicKD. gan: a pix2pix edges -> image generator compressed to a quarter "
                                    "width, trained alone, by generator distillation and by VEM, with FID, PSNR, "
-                                   "MACs and VEM's cost per step. Run folders go under --out.")
-    s.add_argument("name", nargs="?", default="all", choices=["all", "classic", "fair", "mosaic", "gan"],
+                                   "MACs and VEM's cost per step. flow: a Glow trained by maximum "
+                                   "likelihood, distilled into a faster encoder/decoder pair (flow_kd), and "
+                                   "reversible anonymisation with a secret key through both. Run folders go under "
+                                   "--out.")
+    s.add_argument("name", nargs="?", default="all", choices=["all", "classic", "fair", "mosaic", "gan", "flow"],
                    help="which demo (default: %(default)s)")
     s.add_argument("--out", default="runs/demo", help="folder for the demo's runs (default: %(default)s)")
     s.add_argument("--quick", action="store_true", help="a much smaller run, for smoke tests")

@@ -211,3 +211,30 @@ def test_flow_kd_runs_both_stages_and_resumes_bit_exact(tmp_path):
     resumed = make()
     Trainer(TrainConfig(**cfg), tmp_path / "split").fit(resumed, _batches(), resume=True)
     assert_states_equal(state_copy(whole.student), state_copy(resumed.student))
+
+
+def test_prior_samples_the_teacher_cannot_decode_are_dropped():
+    d = _ready(_kd(), "encoder")
+    decode = d.teacher.decode
+
+    def overflowing(latents, standardized=True):  # every other sample NaN, as a Glow's inverse does on rare draws
+        x = decode(latents, standardized=standardized).clone()
+        x[::2] = float("nan")
+        return x
+
+    d.teacher.decode = overflowing
+    torch.manual_seed(1)
+    eps, x_t = d.prior_images(6, torch.device("cpu"))
+    assert len(x_t) == 3 and all(len(e) == 3 for e in eps) and torch.isfinite(x_t).all()
+    assert torch.isfinite(d.training_step(_batches()[0])["latent"])
+    d.teacher.decode = lambda latents, standardized=True: decode(latents, standardized=standardized) * float("inf")
+    with pytest.raises(FloatingPointError, match="sample_temperature"):
+        d.training_step(_batches()[0])
+
+
+def test_one_stage_alone_trains_only_that_student():
+    assert [(s.name, s.epochs, s.frozen) for s in _kd(distil="decoder").stages(3)] == [
+        ("decoder", 3, ("student.encoder",))]
+    assert [(s.name, s.epochs) for s in _kd(distil="encoder").stages(1)] == [("encoder", 1)]
+    with pytest.raises(ValueError, match="distil"):
+        _kd(distil="all")

@@ -14,7 +14,12 @@ input space, [-0.5, 0.5]: the loader gives [0, 1] (data.mean = 0, data.std = 1) 
       the sum of the decoder terms below, each with its own weight (0 turns it off)
   stage "encoder" (the rest; student.decoder frozen):
       eps ~ N(0, T^2 I) (T = `sample_temperature`), x_t = D_t(eps), z' = E_s(x_t);
-      latent_weight * mean (z' - z)^2, z = eps (standardized) or the teacher's raw z for x_t
+      latent_weight * mean (z' - z)^2, z = eps (standardized) or the teacher's raw z for x_t;
+      samples the teacher decodes to non-finite or far out-of-range images are dropped (`prior_images`)
+
+`distil: decoder` (or `encoder`) runs that stage alone for all the epochs, the other student left as built: the
+decoder-loss baselines differ only in stage "decoder", so a table can distil the encoder once and pair it with each
+baseline's decoder (benchmarks/flow_table.py).
 
 Decoder terms (x' against x, images in [-0.5, 0.5]; per-pixel means):
   l1_weight       mean |x' - x|                         Algorithm 1's pixel term
@@ -36,6 +41,7 @@ gamma times the teacher's latent, which no decoder expects, so kdforge weighs th
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -53,6 +59,7 @@ from kdforge.registry import DISTILLERS
 ENCODER_LOSSES = ("weighted", "as_printed")
 LATENTS = ("standardized", "raw")
 DECODER_DATA = ("images", "samples")
+DISTIL = ("both", "decoder", "encoder")
 
 
 @DISTILLERS.register("flow_kd")
@@ -66,14 +73,15 @@ class FlowKD(Distiller):
                  feature_net: dict[str, Any] | nn.Module | None = None, tv_weight: float = 0.0,
                  wavelet_weight: float = 0.0, wavelet_levels: int = 3, latent_weight: float = 1.0,
                  encoder_loss: str = "weighted", latent: str = "standardized", decoder_data: str = "images",
-                 sample_temperature: float = 1.0, decoder_share: float = 0.5) -> None:
+                 sample_temperature: float = 1.0, sample_bound: float | None = None,
+                 decoder_share: float = 0.5, distil: str = "both") -> None:
         super().__init__(student, teacher)
         check_flow(teacher, "teacher")
         if not (hasattr(student, "encoder") and hasattr(student, "decoder")):
             raise TypeError(f"flow_kd: the student ({type(student).__name__}) needs `encoder` and `decoder` "
                             "attributes (`flow_student` has them)")
         for name, value, allowed in (("encoder_loss", encoder_loss, ENCODER_LOSSES), ("latent", latent, LATENTS),
-                                     ("decoder_data", decoder_data, DECODER_DATA)):
+                                     ("decoder_data", decoder_data, DECODER_DATA), ("distil", distil, DISTIL)):
             if value not in allowed:
                 raise ValueError(f"flow_kd: {name} must be one of {', '.join(allowed)}, got {value!r}")
         self.weights = {"l1": l1_weight, "mse": mse_weight, "ssim": ssim_weight, "lpips": lpips_weight,
@@ -93,11 +101,15 @@ class FlowKD(Distiller):
             self.lpips = lpips_network(**(lpips or {}))
         self.latent_weight, self.wavelet_levels = float(latent_weight), int(wavelet_levels)
         self.encoder_loss, self.standardized = encoder_loss, latent == "standardized"
-        self.decoder_data = decoder_data
+        self.decoder_data, self.distil = decoder_data, distil
         self.sample_temperature, self.decoder_share = float(sample_temperature), float(decoder_share)
+        self.sample_bound = math.inf if sample_bound is None else float(sample_bound)  # inf: drop non-finite only
 
     # ------------------------------------------------------------------ stages and networks
     def stages(self, total_epochs: int) -> list[Stage]:
+        if self.distil != "both":  # one student alone, e.g. decoder-loss baselines sharing one distilled encoder
+            other = "encoder" if self.distil == "decoder" else "decoder"
+            return [Stage(self.distil, total_epochs, frozen=(f"student.{other}",))]
         if total_epochs < 2:
             raise ValueError(f"flow_kd: Algorithm 1 has two stages (decoder, then encoder): train.epochs must be >= 2, "
                              f"got {total_epochs}")
@@ -126,12 +138,23 @@ class FlowKD(Distiller):
         if self.stage == "encoder":
             return self.encoder_terms(x.shape[0], x.device)
         if self.decoder_data == "samples":
-            eps = self.prior_sample(x.shape[0], x.device)
-            return self.decoder_terms(self.student.decoder(eps), self.teacher_decode(eps))
+            eps, x_t = self.prior_images(x.shape[0], x.device)
+            return self.decoder_terms(self.student.decoder(eps), x_t)
         return self.decoder_terms(self.student.decoder(self.teacher_encode(x)), x)
 
-    def prior_sample(self, n: int, device: torch.device) -> list[torch.Tensor]:
-        return [torch.randn(n, *shape, device=device) * self.sample_temperature for shape in self.teacher.latent_shapes]
+    def prior_images(self, n: int, device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """eps ~ N(0, T^2 I) and the teacher's images D_t(eps), keeping the samples it decodes to finite images (and,
+        with `sample_bound` b, within [-b, b]): a Glow's inverse overflows on a few draws of its own prior (a face
+        Glow after 4 epochs, T = 1: NaN in 2 of 5 batches of 64), and one NaN sample would poison the whole step."""
+        eps = [torch.randn(n, *shape, device=device) * self.sample_temperature for shape in self.teacher.latent_shapes]
+        x_t = self.teacher_decode(eps)
+        flat = x_t.flatten(1)
+        ok = torch.isfinite(flat).all(1) & (torch.nan_to_num(flat).abs().amax(1) <= self.sample_bound)
+        if not ok.any():
+            raise FloatingPointError(f"flow_kd: the teacher decoded none of {n} prior samples (T = "
+                                     f"{self.sample_temperature}) to a finite image within +-{self.sample_bound}: "
+                                     "lower method.sample_temperature")
+        return [e[ok] for e in eps], x_t[ok]
 
     def decoder_terms(self, recon: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
         w, out = self.weights, {}
@@ -156,8 +179,7 @@ class FlowKD(Distiller):
         return out
 
     def encoder_terms(self, n: int, device: torch.device) -> dict[str, torch.Tensor]:
-        eps = self.prior_sample(n, device)
-        x_t = self.teacher_decode(eps)
+        eps, x_t = self.prior_images(n, device)
         z = eps if self.standardized else self.teacher_encode(x_t)
         z_s, z_t = flatten_latents(self.student.encoder(x_t)), flatten_latents(z)
         if self.encoder_loss == "weighted":
