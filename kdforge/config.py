@@ -115,6 +115,7 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = False
     teacher_cache: bool = False  # reuse teacher outputs by sample index (inputs must be deterministic)
+    sync_batchnorm: bool = False  # data parallel on CUDA: BatchNorm statistics over the global batch (SyncBatchNorm)
 
     def __post_init__(self) -> None:  # also for TrainConfig(...) and distill(..., epochs=0) from Python
         _validate_train(self)

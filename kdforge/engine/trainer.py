@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from kdforge.engine import distributed
 from kdforge.engine.checkpoint import (
     NonFiniteStateError,
     assert_finite_state,
@@ -134,7 +135,9 @@ class Trainer:
             distiller.to(memory_format=torch.channels_last)
         distiller.steps_per_epoch = steps_per_epoch
         distiller._stepper = self._optimizer_step
-        self.logger = MetricsLogger(self.run_dir, cfg.tensorboard)
+        self.dist = distributed.current()  # a world of one unless torchrun started this process in a group
+        self.writes = self.dist.is_main  # only rank 0 writes metrics, checkpoints and samples
+        self.logger = MetricsLogger(self.run_dir if self.writes else None, cfg.tensorboard)
         self.scaler = (torch.amp.GradScaler("cuda") if str(cfg.precision) in ("16", "fp16")
                        and self.device.type == "cuda" else None)
         self.pos = {"stage": 0, "epoch": 0, "batch": 0, "step": 0}
@@ -142,6 +145,10 @@ class Trainer:
         self.opts, self.scheds, self.main_name = {}, {}, None
         self.epoch_rng, self.sums, self.n_done = None, {}, 0
         ckpt = self._restore(distiller, resume) if resume else None
+        if self.dist.enabled:  # one starting state on every rank, whatever each initialised locally
+            distributed.broadcast_state(distiller)
+            if cfg.sync_batchnorm:
+                distributed.sync_batchnorm(distiller, self.device)
         stages = distiller.stages(cfg.epochs)
         ends = list(itertools.accumulate(s.epochs for s in stages))
         try:
@@ -200,7 +207,7 @@ class Trainer:
                     self.sums[k] = self.sums.get(k, 0.0) + v.detach().float()
                 self.n_done += 1
                 if cfg.log_every and self.pos["step"] % cfg.log_every == 0:
-                    rec = {k: float(v) / self.n_done for k, v in self.sums.items()}
+                    rec = {k: float(v) / self.n_done for k, v in self._rank_mean(self.sums).items()}
                     bar.set_postfix({k: f"{v:.3f}" for k, v in rec.items()})
                     self.logger.log({"kind": "step", "step": self.pos["step"], "epoch": epoch, **self._lrs(), **rec})
                 here = {"stage": stage_idx, "epoch": epoch, "batch": batch_idx + 1, "step": self.pos["step"]}
@@ -221,7 +228,9 @@ class Trainer:
         record: dict[str, Any] = {"kind": "epoch", "epoch": epoch + 1, "step": self.pos["step"],
                                   "stage": distiller.stage, **self._lrs(),
                                   "epoch_time_s": time.perf_counter() - self.t0}
-        record.update({f"train_{k}": float(v) / max(1, self.n_done) for k, v in self.sums.items()})
+        record.update({f"train_{k}": float(v) / max(1, self.n_done) for k, v in self._rank_mean(self.sums).items()})
+        if self.dist.enabled:  # BatchNorm statistics: rank 0's, before it is scored and saved
+            distributed.broadcast_buffers(distiller)
         record.update(self._snapshot(distiller, epoch))
         if val_loader is not None and ((epoch + 1) % max(1, cfg.eval_every) == 0 or epoch + 1 == cfg.epochs):
             metrics = self.evaluate(distiller, val_loader)
@@ -245,7 +254,7 @@ class Trainer:
         values = {}
         for name, v in snap.items():
             if isinstance(v, torch.Tensor) and v.dim() == 4:
-                if self.run_dir is not None:
+                if self.run_dir is not None and self.writes:
                     from torchvision.utils import save_image  # only methods with images need torchvision here
 
                     folder = Path(self.run_dir) / "samples"
@@ -306,8 +315,12 @@ class Trainer:
         if not isinstance(losses, dict) or not losses:
             raise TypeError("training_step must return a non-empty dict of named losses")
         terms = torch.stack([v.detach().float().sum() for v in losses.values()])
-        if not bool(torch.isfinite(terms).all()):  # one device sync a step; name the culprit only on failure
-            k, v = next((k, v) for k, v in losses.items() if not torch.isfinite(v.detach()).all())
+        finite = bool(torch.isfinite(terms).all())  # one device sync a step; name the culprit only on failure
+        if self.dist.enabled:  # every rank stops together, none is left waiting in the next all-reduce
+            finite = distributed.all_finite(finite, terms.device)
+        if not finite:
+            k, v = next(((k, v) for k, v in losses.items() if not torch.isfinite(v.detach()).all()),
+                        ("(on another rank)", terms.sum()))
             raise NonFiniteLossError(
                 f"loss term {k!r} is {float(v.detach().float().sum())} at epoch {epoch + 1}, step "
                 f"{self.pos['step'] + 1}; training stopped, the last good checkpoint is kept (try a lower lr, "
@@ -329,16 +342,25 @@ class Trainer:
         with torch.autocast(self.device.type, enabled=False):
             if self.scaler is not None:
                 self.scaler.scale(loss).backward(retain_graph=retain_graph)
+                self._average_gradients(opt)
                 if self.cfg.grad_clip:
                     self.scaler.unscale_(opt)
                     self._clip(opt)
                 self.scaler.step(opt)
             else:
                 loss.backward(retain_graph=retain_graph)
+                self._average_gradients(opt)
                 if self.cfg.grad_clip:
                     self._clip(opt)
                 opt.step()
         return loss.detach()
+
+    def _average_gradients(self, opt: torch.optim.Optimizer) -> None:
+        if self.dist.enabled:  # data parallel: the global batch's gradient (kdforge/engine/distributed.py)
+            distributed.average_gradients((p for g in opt.param_groups for p in g["params"]), self.dist.world_size)
+
+    def _rank_mean(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return distributed.mean_over_ranks(values, self.dist.world_size) if self.dist.enabled else values
 
     def _clip(self, opt: torch.optim.Optimizer) -> None:
         params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
@@ -400,7 +422,7 @@ class Trainer:
         except NonFiniteStateError as e:
             raise NonFiniteStateError(f"{e} after step {self.pos['step']}; training stopped, the last good "
                                       "checkpoint is kept (try a lower lr, train.grad_clip or precision 32)") from None
-        if self.run_dir is None:
+        if self.run_dir is None or not self.writes:
             return
         state = {
             "format": CHECKPOINT_FORMAT,
