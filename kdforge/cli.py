@@ -26,6 +26,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
     p.add_argument("--no-teacher-eval", action="store_true",
                    help="skip evaluating the teacher on the validation set at the start")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="data parallel on N processes of this machine: a shortcut for `torchrun "
+                        "--nproc_per_node=N -m kdforge ...` (data.batch_size stays the global batch)")
 
 
 OOD_SUBSET = "ood-subset"  # `kdforge prepare ood-subset ...`: a teacher's transfer set from a prepared pool
@@ -76,10 +79,36 @@ def _prepare_ood_subset(a: argparse.Namespace) -> int:
     return 0
 
 
+def _torchrun(nproc: int, argv: list[str]) -> int:
+    """Run this same command under torchrun on `nproc` local processes (loopback rendezvous, a free port)."""
+    import socket
+    import subprocess
+
+    if nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {nproc}")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rest, skip = [], False
+    for arg in argv:  # the same arguments without --nproc, which torchrun's processes must not see again
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            rest.append(arg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+           f"--master_port={port}", "-m", "kdforge", *rest]
+    return subprocess.run(cmd).returncode
+
+
 def _run(a: argparse.Namespace, scratch: bool) -> int:
     from kdforge.config import load_config
     from kdforge.recipe import run_recipe
     from kdforge.registry import DISTILLERS
+
+    if a.nproc != 1 and "LOCAL_RANK" not in os.environ:
+        return _torchrun(a.nproc, a.argv)
 
     cfg = load_config(a.recipe, a.overrides)
     if scratch and not DISTILLERS.get(cfg.method.name).trains_alone:
@@ -87,8 +116,11 @@ def _run(a: argparse.Namespace, scratch: bool) -> int:
         # recipe says; any other is replaced by scratch, its options dropped (they are the distiller's)
         cfg = load_config(a.recipe, [*a.overrides, "method=scratch"])
     result = run_recipe(cfg, resume=a.resume, overwrite=a.overwrite, eval_teacher=not a.no_teacher_eval)
-    print((result.run_dir / "report.md").read_text())
-    print(f"run folder: {result.run_dir}")
+    from kdforge.engine.distributed import current
+
+    if current().is_main:  # under torchrun, one report on the console
+        print((result.run_dir / "report.md").read_text())
+        print(f"run folder: {result.run_dir}")
     return 0
 
 
@@ -411,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     from kdforge.registry import RegistryError
 
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if "" not in sys.path and os.getcwd() not in sys.path:  # recipes may name factories in local modules
         sys.path.insert(0, os.getcwd())
     try:

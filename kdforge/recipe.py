@@ -79,17 +79,49 @@ def run_recipe(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
         raise ConfigError(f"data.train_select: the teacher chooses the training samples, and this run has none "
                           f"({'no teacher section' if cfg.teacher is None else f'method {cfg.method.name}'}); set "
                           "data.train_select: null, or distil with a teacher")
-    with open_run_folder(expand_path(cfg.out_dir), cfg.name, resume=resume, overwrite=overwrite) as folder:
-        return _run_in(folder, cfg, resume=resume, eval_teacher=eval_teacher)
+    from kdforge.engine import distributed
+    from kdforge.engine.trainer import resolve_device
+
+    ctx = distributed.init_from_env(resolve_device(cfg.train.device))  # a world of one outside torchrun
+    if not ctx.enabled:
+        with open_run_folder(expand_path(cfg.out_dir), cfg.name, resume=resume, overwrite=overwrite) as folder:
+            return _run_in(folder, cfg, resume=resume, eval_teacher=eval_teacher)
+    # data parallel: rank 0 prepares the data and owns (locks) the run folder; the others wait for both
+    from kdforge.data.build import load_splits
+
+    folder = None
+    try:
+        if ctx.is_main:
+            load_splits(cfg.data)  # decoded into the cache once, not by every rank at the same time
+            folder = open_run_folder(expand_path(cfg.out_dir), cfg.name, resume=resume, overwrite=overwrite)
+        distributed.barrier()
+        return _run_in(folder or _Shared(Path(expand_path(cfg.out_dir)) / cfg.name), cfg, resume=resume,
+                       eval_teacher=eval_teacher, ctx=ctx)
+    finally:
+        if folder is not None:
+            folder.close()
 
 
-def _run_in(folder: RunFolder, cfg: RunConfig, *, resume: bool, eval_teacher: bool) -> DistillResult:
+class _Shared:
+    """The run folder as ranks other than 0 see it: its path; rank 0 holds the lock and writes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def check_resume_config(self, config: dict[str, Any]) -> None:
+        pass  # rank 0 checks
+
+
+def _run_in(folder: RunFolder | _Shared, cfg: RunConfig, *, resume: bool, eval_teacher: bool,
+            ctx: Any = None) -> DistillResult:
     from kdforge.data.build import build_loaders
+    from kdforge.engine import distributed
     from kdforge.report.run_report import write_run_report
 
+    ctx = ctx or distributed.current()
     run_dir = folder.path
     seed_everything(cfg.seed)
-    data = build_loaders(cfg.data, seed=cfg.seed)
+    data = build_loaders(cfg.data, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size)
     method = cfg.method.name
     use_teacher = uses_teacher(cfg)
     for mc in (cfg.student, cfg.teacher if use_teacher else None):
@@ -97,7 +129,8 @@ def _run_in(folder: RunFolder, cfg: RunConfig, *, resume: bool, eval_teacher: bo
             resolve_num_classes(mc, data.num_classes)
     if resume:  # the saved config is the resolved one: compare once num_classes is filled in
         folder.check_resume_config(cfg.to_dict())
-    save_config(cfg, run_dir / "config.yaml")  # the resolved config, num_classes included
+    if ctx.is_main:
+        save_config(cfg, run_dir / "config.yaml")  # the resolved config, num_classes included
     evaluator, monitor, mode = _evaluator(cfg)
     student = build_model_from_config(cfg.student, role="student")
     teacher, teacher_metrics = None, None
@@ -109,17 +142,21 @@ def _run_in(folder: RunFolder, cfg: RunConfig, *, resume: bool, eval_teacher: bo
 
             data = select_train(data, cfg.data, teacher, seed=cfg.seed, device=resolve_device(cfg.train.device),
                                 progress=print if cfg.train.progress else None)
-    _save_sample_grid(data.train, run_dir / "samples.png")
+    if ctx.is_main:
+        _save_sample_grid(data.train, run_dir / "samples.png")
     # a method whose own predict scores the teacher (flow_kd's teacher pairing) needs no separate teacher run
-    if use_teacher and eval_teacher and not DISTILLERS.get(method).predict_scores_teacher:
+    if use_teacher and eval_teacher and ctx.is_main and not DISTILLERS.get(method).predict_scores_teacher:
         teacher_metrics = _cached_teacher_eval(run_dir, cfg, teacher, data.val, evaluator)
     result = distill(student, teacher, data.train, method=method, val_loader=data.val, run_dir=run_dir,
                      resume=resume, seed=cfg.seed, train=cfg.train, method_options=cfg.method.kwargs,
                      evaluator=evaluator, monitor=monitor, mode=mode, config_dict=cfg.to_dict())
     result.teacher_metrics = teacher_metrics
-    if cfg.eval.tsne > 0:
-        _tsne(result.student, data, cfg, run_dir / "tsne.png")
-    write_run_report(run_dir, cfg, result, monitor=monitor, mode=mode, evaluator=cfg.eval.name)
+    if ctx.is_main:
+        if cfg.eval.tsne > 0:
+            _tsne(result.student, data, cfg, run_dir / "tsne.png")
+        write_run_report(run_dir, cfg, result, monitor=monitor, mode=mode, evaluator=cfg.eval.name)
+    if ctx.enabled:
+        distributed.barrier()  # the report is written before any rank returns
     return result
 
 

@@ -91,3 +91,36 @@ def test_two_processes_match_one_with_the_same_global_batch(method, tmp_path):
     torch.testing.assert_close(torch.tensor(losses_two), torch.tensor(losses_one), rtol=1e-4, atol=1e-5)
     assert (two / "checkpoints" / "last.pt").exists() and len((two / "metrics.jsonl").read_text().splitlines()) == \
         len((one / "metrics.jsonl").read_text().splitlines())  # rank 0 alone wrote (no interleaved lines)
+
+
+def test_cli_nproc_runs_a_recipe_on_two_processes_and_resumes(tmp_path):
+    from kdforge.models import build_model
+
+    torch.manual_seed(0)
+    torch.save(build_model("resnet20", num_classes=10).state_dict(), tmp_path / "teacher.pt")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps({  # JSON is YAML
+        "name": "ddp", "out_dir": str(tmp_path / "runs"),
+        "data": {"name": "synthetic", "synthetic_train": 64, "synthetic_test": 32, "synthetic_size": 16,
+                 "root": str(tmp_path / "cache"), "batch_size": 16, "crop_pad": 0, "flip": False},
+        "student": "resnet20", "teacher": {"name": "resnet20", "weights": str(tmp_path / "teacher.pt")},
+        "method": {"name": "kd"}, "train": {"epochs": 1, "device": "cpu", "progress": False, "log_every": 1}}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+
+    def kdforge(*args):
+        done = subprocess.run([sys.executable, "-m", "kdforge", "distill", str(recipe), "--nproc", "2", *args],
+                              env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    out = kdforge()
+    assert out.count("run folder:") == 1  # one report on the console, rank 0's
+    run = tmp_path / "runs" / "ddp"
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "step"]
+    assert steps == [1, 2, 3, 4]  # 64 samples / a global batch of 16, logged once (rank 0)
+    kdforge("--resume", "--set", "train.epochs=2")
+    ckpt = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    assert ckpt["position"]["step"] == 8 and (run / "report.md").exists()

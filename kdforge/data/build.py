@@ -88,8 +88,13 @@ def _loader_class(name: str) -> Any:
     return getattr(DATASETS.get(name), "loader_class", BatchLoader) if name in DATASETS else BatchLoader
 
 
-def _train_loader(cfg: Any, train: Any, seed: int, sampler: Any, groups: int | None) -> Any:
+def _train_loader(cfg: Any, train: Any, seed: int, sampler: Any, groups: int | None, rank: int = 0,
+                  world_size: int = 1) -> Any:
     from kdforge.data.transforms import BatchAugment
+
+    if cfg.batch_size % world_size:
+        raise ValueError(f"data.batch_size={cfg.batch_size} is the global batch of {world_size} processes: it must "
+                         f"divide evenly among them (e.g. {cfg.batch_size - cfg.batch_size % world_size})")
 
     if sampler is None and len(train) < cfg.batch_size:
         raise ValueError(
@@ -100,11 +105,11 @@ def _train_loader(cfg: Any, train: Any, seed: int, sampler: Any, groups: int | N
         )
     augment = BatchAugment(crop_pad=cfg.crop_pad, flip=cfg.flip, resize=cfg.resize)
     loader = _loader_class(cfg.train_name or cfg.name)
-    return loader(train, cfg.batch_size, shuffle=True, drop_last=True, augment=augment, mean=cfg.mean,
-                  std=cfg.std, seed=seed, sampler=sampler, num_groups=groups)
+    return loader(train, cfg.batch_size // world_size, shuffle=True, drop_last=True, augment=augment, mean=cfg.mean,
+                  std=cfg.std, seed=seed, sampler=sampler, num_groups=groups, rank=rank, world_size=world_size)
 
 
-def _data_free_bundle(cfg: Any, seed: int) -> DataBundle:
+def _data_free_bundle(cfg: Any, seed: int, world_size: int = 1) -> DataBundle:
     """`data.data_free_steps`: no training data (DAFL, DFAD make their inputs). The train loader is
     DataFree(data_free_steps, batch_size), carrying the val data's shape, class count and mean/std; the val
     loader is `name`'s as usual."""
@@ -117,20 +122,22 @@ def _data_free_bundle(cfg: Any, seed: int) -> DataBundle:
     val_loader = BatchLoader(val, cfg.eval_batch_size, shuffle=False, drop_last=False, mean=cfg.mean, std=cfg.std,
                              seed=seed, augment=BatchAugment(resize=cfg.resize), num_groups=groups)
     h, w = (cfg.resize, cfg.resize) if cfg.resize else val.image_size
-    train = DataFree(cfg.data_free_steps, cfg.batch_size, image_shape=(3, h, w), num_classes=val.num_classes,
-                     mean=tuple(cfg.mean), std=tuple(cfg.std))
+    train = DataFree(cfg.data_free_steps, cfg.batch_size // world_size, image_shape=(3, h, w),
+                     num_classes=val.num_classes, mean=tuple(cfg.mean), std=tuple(cfg.std))
     return DataBundle(train, val_loader, val.num_classes, list(val.classes), (3, h, w), groups)
 
 
-def build_loaders(cfg: Any, *, seed: int = 0, sampler: Any = None) -> DataBundle:
+def build_loaders(cfg: Any, *, seed: int = 0, sampler: Any = None, rank: int = 0, world_size: int = 1) -> DataBundle:
     """Train and val BatchLoaders for a DataConfig; `sampler` (e.g. GroupClassBalancedSampler) orders train.
+    With `world_size` > 1 the train loader is this rank's shard: `data.batch_size` is the global batch, each rank
+    loads batch_size / world_size of it; the val loader is whole on every rank.
 
     `data.train_select` is not applied here, as it needs the teacher: `select_train` does it (run_recipe calls
     it once the teacher is built)."""
     from kdforge.data.transforms import BatchAugment
 
     if getattr(cfg, "data_free_steps", None):
-        return _data_free_bundle(cfg, seed)
+        return _data_free_bundle(cfg, seed, world_size)
     if sampler is None and getattr(cfg, "sampler", None):
         from kdforge.data.samplers import build_sampler
 
@@ -141,7 +148,7 @@ def build_loaders(cfg: Any, *, seed: int = 0, sampler: Any = None) -> DataBundle
         warnings.warn(f"dataset {cfg.name!r} ({cfg.train_split}) has one class ({train.classes[0]!r}): "
                       "its top-1 accuracy is 100 % whatever the model; check data.source", stacklevel=2)
     groups = _num_groups(train, val)  # one count for both, so train and val per-group metrics line up
-    train_loader = _train_loader(cfg, train, seed, sampler, groups)
+    train_loader = _train_loader(cfg, train, seed, sampler, groups, rank, world_size)
     val_loader = _loader_class(cfg.name)(val, cfg.eval_batch_size, shuffle=False, drop_last=False, mean=cfg.mean,
                                          std=cfg.std, seed=seed, augment=BatchAugment(resize=cfg.resize),
                                          num_groups=groups)

@@ -77,6 +77,11 @@ def init_from_env(device: str | torch.device = "cpu") -> DistContext:
     return current()
 
 
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def broadcast_state(module: nn.Module, src: int = 0) -> None:
     """Every parameter and buffer of `module` set to rank `src`'s, in place."""
     with torch.no_grad():
