@@ -78,6 +78,7 @@ def row_command(a: argparse.Namespace, row: str, seed: int) -> tuple[str, list[s
             f"data.train_subset={a.steps * 64}", f"data.val_subset={a.val_n}",
             f"teacher.weights={_ckpt(a.runs, TEACHER_RUN)}"]
     sets += ["train.epochs=2"] if row == MAIN else ["train.epochs=1", "method.distil=decoder"]
+    sets += a.overrides
     return name, [sys.executable, "-m", "kdforge", "distill", str(RECIPES / f"{row}.yaml"), *set_args(sets),
                   "--overwrite"]
 
@@ -284,8 +285,9 @@ def report(a: argparse.Namespace, scorer: Scorer, rows: list[str], compute: floa
              f"by `python benchmarks/flow_table.py --prepare`; test bits/dim {a.teacher_bpd}. Students: encoder "
              f"(K, L) = (6, 3), decoders as named (width 64, growth 32). Budget: {a.steps} steps of 64 faces per "
              f"stage (a fixed {a.steps * 64}-face training subset), Adam {train['lr']:g}, {train['schedule']} with "
-             f"warm-up, each stage its own optimiser; seeds {a.seeds}; one thread per run. The `{MAIN}` runs distil "
-             "both students (decoder stage, then encoder stage); every other row distils its decoder alone "
+             f"{train['warmup_epochs']:g} epochs of warm-up, each stage its own optimiser; seeds {a.seeds}; one "
+             f"thread per run. The `{MAIN}` runs distil both students (decoder stage, then encoder stage); every "
+             "other row distils its decoder alone "
              f"(`method.distil=decoder`, the same budget) and is paired with the `{MAIN}` encoder of the same seed: "
              "the baselines differ from Algorithm 1 only in the decoder's loss. The perceptual term is 1 - SSIM, not "
              "LPIPS (no ImageNet weights offline). Mean ± std over seeds.", "",
@@ -346,7 +348,7 @@ def report(a: argparse.Namespace, scorer: Scorer, rows: list[str], compute: floa
                     _ms([f[k] for f in fair], 3) for k in ("d_max", "d_mean", "epsilon", "std")) + " |")
     lines += ["", f"Produced by `python benchmarks/flow_table.py --rows {' '.join(rows)} --seeds "
               f"{' '.join(map(str, a.seeds))} --steps {a.steps} --jobs {a.jobs} --eval-n {a.eval_n} "
-              f"--val-n {a.val_n}` on 2 CPU cores: "
+              f"--val-n {a.val_n}" + "".join(f" --set {o}" for o in a.overrides) + "` on 2 CPU cores: "
               f"{len(rows) * len(a.seeds)} runs, {compute / 60:.0f} min of process time in all; teacher and "
               "classifier not counted."]
     return lines
@@ -399,6 +401,8 @@ def main() -> None:
     ap.add_argument("--eval-n", type=int, default=500, help="test faces in the privacy / fairness scores")
     ap.add_argument("--val-n", type=int, default=500, help="test faces each run's evaluator scores per epoch")
     ap.add_argument("--key-seed", type=int, default=20261203)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="a recipe override for every row, e.g. train.lr=1e-3")
     ap.add_argument("--runs", type=Path, default=ROOT / "benchmarks/runs/flow")
     ap.add_argument("--prepare", action="store_true", help="train the Glow teacher and the age classifier, then stop")
     ap.add_argument("--results", default=str(ROOT / "results/flow_cpu.md"))
