@@ -99,7 +99,11 @@ def _torchrun(nproc: int, argv: list[str]) -> int:
             rest.append(arg)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
            f"--master_port={port}", "-m", "kdforge", *rest]
-    return subprocess.run(cmd).returncode
+    code = subprocess.run(cmd).returncode
+    if code:
+        print(f"kdforge: a process of the {nproc}-process run failed (its error is above) and torchrun stopped the "
+              "others; the run folder keeps the last checkpoint: fix the cause and add --resume", file=sys.stderr)
+    return code
 
 
 def _run(a: argparse.Namespace, scratch: bool) -> int:

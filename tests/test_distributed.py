@@ -124,3 +124,50 @@ def test_cli_nproc_runs_a_recipe_on_two_processes_and_resumes(tmp_path):
     kdforge("--resume", "--set", "train.epochs=2")
     ckpt = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
     assert ckpt["position"]["step"] == 8 and (run / "report.md").exists()
+
+
+CRASHNET = '''
+import os
+import torch
+from torch import nn
+
+
+class CrashNet(nn.Module):
+    """A small classifier that raises on rank 1 at its 3rd training forward while CRASH_RANK1 is set."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(8, num_classes)
+        self.calls = 0
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+            if os.environ.get("CRASH_RANK1") and os.environ.get("RANK") == "1" and self.calls == 3:
+                raise RuntimeError("rank 1 lost")
+        return self.fc(self.body(x))
+'''
+
+
+def test_a_lost_rank_fails_the_run_clearly_and_it_resumes_from_the_last_checkpoint(tmp_path):
+    (tmp_path / "crashnet.py").write_text(CRASHNET)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps({
+        "name": "lost", "out_dir": str(tmp_path / "runs"),
+        "data": {"name": "synthetic", "synthetic_train": 64, "synthetic_test": 32, "synthetic_size": 16,
+                 "root": str(tmp_path / "cache"), "batch_size": 16, "crop_pad": 0, "flip": False},
+        "student": "crashnet:CrashNet", "method": "scratch",
+        "train": {"epochs": 1, "device": "cpu", "progress": False, "log_every": 1, "checkpoint_every": 1}}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CRASH_RANK1": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "kdforge", "train", str(recipe), "--nproc", "2"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode != 0 and "rank 1 lost" in done.stderr and "add --resume" in done.stderr
+    ckpt = tmp_path / "runs" / "lost" / "checkpoints" / "last.pt"
+    assert torch.load(ckpt, map_location="cpu", weights_only=False)["position"]["step"] == 2  # the steps both made
+    env.pop("CRASH_RANK1")
+    done = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert torch.load(ckpt, map_location="cpu", weights_only=False)["position"]["step"] == 4
