@@ -171,3 +171,31 @@ def test_a_lost_rank_fails_the_run_clearly_and_it_resumes_from_the_last_checkpoi
     done = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert torch.load(ckpt, map_location="cpu", weights_only=False)["position"]["step"] == 4
+
+
+def test_rank_shards_are_whole_blocks_of_each_global_batch_and_keep_batchwise_balance():
+    import numpy as np
+
+    from kdforge.data.decoded import DecodedData
+    from kdforge.data.loader import BatchLoader
+    from kdforge.data.samplers import GroupClassBalancedSampler
+
+    rng = np.random.default_rng(0)
+    labels, groups = rng.integers(0, 2, 40), rng.integers(0, 2, 40)
+    data = DecodedData(np.zeros((40, 4, 4, 3), np.uint8), labels, ["a", "b"], attrs={"group": groups})
+
+    def loader(batch, **kw):
+        return BatchLoader(data, batch, sampler=GroupClassBalancedSampler(batchwise=True), seed=3, prefetch=0, **kw)
+
+    one = loader(4)  # one process, the sampler bound to the per-rank batch
+    ranks = [loader(4, rank=r, world_size=2) for r in range(2)]
+    for ld in (one, *ranks):
+        ld.set_epoch(2)
+    assert len(ranks[0]) == len(ranks[1]) == len(one) // 2
+    single = list(one)
+    for i, (b0, b1) in enumerate(zip(*ranks)):  # rank r's batch i: block r of global batch i of the same order
+        torch.testing.assert_close(b0["index"], single[2 * i]["index"])
+        torch.testing.assert_close(b1["index"], single[2 * i + 1]["index"])
+        for b in (b0, b1):  # and each rank's own batch has every (group, class) cell once
+            cells = sorted(zip(b["group"].tolist(), b["label"].tolist()))
+            assert cells == [(0, 0), (0, 1), (1, 0), (1, 1)]

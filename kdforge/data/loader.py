@@ -53,8 +53,12 @@ class BatchLoader:
     label, index and each attribute: int64 (B,). `index` is the sample's position in `data`.
 
     Call `set_epoch(e)` before each epoch (as with DistributedSampler); iterating twice without it repeats
-    the same epoch exactly. `rank`/`world_size` give each process a disjoint 1/world_size share of every epoch
-    (the permutation is padded by wrapping so all ranks get the same number of batches).
+    the same epoch exactly. `rank`/`world_size` give each process its share of every epoch, by whole batches:
+    the epoch's order is cut into global batches of world_size * batch_size and rank r takes the r-th batch_size
+    block of each, so the ranks' batch i together are exactly batch i of one process with the global batch, and a
+    sampler that balances every block of batch_size (GroupClassBalancedSampler(batchwise=True)) balances every
+    rank's batch. Without drop_last the order is padded by wrapping to whole global batches; with it, a last
+    partial global batch is dropped.
 
     `sampler` sets each epoch's order instead of the permutation (`indices(data, epoch, generator)`, e.g.
     GroupClassBalancedSampler); its length is the epoch's length. `num_groups` overrides the group count
@@ -105,12 +109,12 @@ class BatchLoader:
         self._labels = torch.from_numpy(np.ascontiguousarray(data.labels, dtype=np.int64))
         self._attrs = {k: torch.from_numpy(np.asarray(v, dtype=np.int64)) for k, v in data.attrs.items()}
         if drop_last and len(self) == 0:
-            share = f" ({self._per_rank()} per rank of {world_size})" if world_size > 1 else ""
+            batch = (f"a global batch of {world_size} ranks x batch_size={batch_size}" if world_size > 1
+                     else f"batch_size={batch_size}")
             what = "an epoch of its sampler has" if sampler is not None else "it has"
             raise ValueError(
-                f"dataset {data.name!r}: {what} {self._epoch_length()} samples{share}, fewer than "
-                f"batch_size={batch_size} with drop_last=True, so an epoch would have no batches; "
-                "lower batch_size or set drop_last=False"
+                f"dataset {data.name!r}: {what} {self._epoch_length()} samples, fewer than {batch} with "
+                "drop_last=True, so an epoch would have no batches; lower batch_size or set drop_last=False"
             )
 
     def with_sampler(self, sampler: Sampler | None) -> BatchLoader:
@@ -159,12 +163,14 @@ class BatchLoader:
         return int(known) if known is not None else len(self._full_order(self.epoch))
 
     def _per_rank(self) -> int:
-        return -(-self._epoch_length() // self.world_size)  # ceil: the order is padded by wrapping
+        if self.world_size == 1:
+            return self._epoch_length()
+        return len(self) * self.batch_size  # whole blocks: padded (or, with drop_last, cut) to global batches
 
     def __len__(self) -> int:
         """Batches per epoch (of the current epoch, for a sampler whose epochs differ in length)."""
-        n = self._per_rank()
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        n, per = self._epoch_length(), self.batch_size * self.world_size
+        return n // per if self.drop_last else -(-n // per)
 
     def set_epoch(self, epoch: int) -> None:
         """Select epoch `epoch`'s order and augmentation streams."""
@@ -190,11 +196,11 @@ class BatchLoader:
     def _rank_order(self, epoch: int | None) -> torch.Tensor:
         order = self._full_order(self.epoch if epoch is None else epoch)
         if self.world_size > 1:
-            n = len(order)
-            total = -(-n // self.world_size) * self.world_size
-            if total > n:
-                order = torch.cat([order, order[: total - n]])
-            order = order[self.rank::self.world_size]
+            n, per = len(order), self.batch_size * self.world_size
+            total = n // per * per if self.drop_last else -(-n // per) * per
+            if total > n:  # wrap around (again, for an epoch shorter than one global batch)
+                order = order.repeat(-(-total // n))
+            order = order[:total].view(-1, self.batch_size)[self.rank::self.world_size].reshape(-1)
         return order
 
     def epoch_indices(self, epoch: int | None = None) -> torch.Tensor:
