@@ -7,7 +7,7 @@ al. 2021, OMGD-style, WKD. The perceptual term is 1 - SSIM (LPIPS needs ImageNet
 OMGD's VGG16 is the shared CIFAR-10 ResNet-20. Every row is `kdforge distill` for two epochs of a fixed training
 subset (one per stage: decoder, then encoder), one process with one thread per run, `--jobs` at a time.
 
-Scored on the first `--eval-n` test faces of utkface_faces (never seen in training), per run:
+Scored on `--eval-n` test faces of utkface_faces (a seeded random sample) (never seen in training), per run:
 - reconstruction PSNR / SSIM of the four encoder/decoder pairings (the run's own `flow` evaluator, all test faces);
 - anonymisation with a secret orthogonal key (seed `--key-seed`) through the student pair and the teacher pair,
   fakes stored as 8-bit images: PSNR of fake to original (low: another face), de-anonymised PSNR / SSIM (high);
@@ -96,11 +96,13 @@ class Scorer:
 
         cfg = load_config(RECIPES / "age_classifier.yaml")
         _, test = load_splits(cfg.data)
-        n = min(a.eval_n, len(test))
-        self.x = torch.tensor(test.images[:n]).permute(0, 3, 1, 2).float() / 255  # [0, 1]
-        self.age = torch.from_numpy(test.labels[:n])
-        self.race = torch.from_numpy(test.attrs["group"][:n]).long()
-        self.gender = torch.from_numpy(test.attrs["gender"][:n]).long()
+        # a seeded random sample: the split is stored in label order, so its first faces are all of one age group
+        pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:min(a.eval_n, len(test))]
+        pick = pick.sort().values.numpy()
+        self.x = torch.tensor(test.images[pick]).permute(0, 3, 1, 2).float() / 255  # [0, 1]
+        self.age = torch.from_numpy(test.labels[pick])
+        self.race = torch.from_numpy(test.attrs["group"][pick]).long()
+        self.gender = torch.from_numpy(test.attrs["gender"][pick]).long()
         self.classifier = build_model("resnet20", num_classes=len(test.classes)).eval()
         load_weights(self.classifier, _ckpt(a.runs, CLASSIFIER_RUN))
         taps = FrozenFeatures(self.classifier, ["auto:in"], mean=(0.0,) * 3, std=(1.0,) * 3, image_mean=(0.0,) * 3,
@@ -197,7 +199,7 @@ def flow_pair(a: argparse.Namespace, row: str, seed: int, pairing: str):
 
 def analysis_of(a: argparse.Namespace, scorer: Scorer, row: str, seed: int, pairing: str) -> dict:
     """The reconstruction / privacy / usability / fairness scores of one pair, cached beside its run."""
-    path = a.runs / "table" / f"{row}_seed{seed}" / f"privacy_{pairing}_n{len(scorer.x)}_key{scorer.key_seed}.json"
+    path = a.runs / "table" / f"{row}_seed{seed}" / f"privacy_{pairing}_random{len(scorer.x)}_key{scorer.key_seed}.json"
     if not path.exists():
         encode, decode = flow_pair(a, row, seed, pairing)
         t = time.perf_counter()
@@ -256,7 +258,11 @@ def cost_table(a: argparse.Namespace, rows: list[str]) -> list[str]:
 
 # ---------------------------------------------------------------------------------------- the report
 def _ms(vals, digits: int = 2, scale: float = 1.0) -> str:
-    vals = [v * scale for v in vals if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    vals = [float(v) for v in vals if v is not None]  # summary.json stores a NaN metric as "nan"
+    nans = sum(not math.isfinite(v) for v in vals)
+    vals = [v * scale for v in vals if math.isfinite(v)]
+    if nans:
+        return f"NaN/inf in {nans} of {nans + len(vals)}" + (f" (others {_ms(vals, digits)})" if vals else "")
     if not vals:
         return "-"
     sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
@@ -292,7 +298,8 @@ def report(a: argparse.Namespace, scorer: Scorer, rows: list[str], compute: floa
              "the baselines differ from Algorithm 1 only in the decoder's loss. The perceptual term is 1 - SSIM, not "
              "LPIPS (no ImageNet weights offline). Mean ± std over seeds.", "",
              "## Reconstruction PSNR of the encoder/decoder pairings (Table 1 analogue)", "",
-             f"T = the Glow, S = students. S enc / S dec on the first {n} test faces; T enc / S dec (the decoder "
+             f"T = the Glow, S = students. S enc / S dec on {n} test faces (a seeded random sample); T enc / S dec "
+             "(the decoder "
              f"alone) on {a.val_n}, by each run's `flow` evaluator; the Glow both ways: "
              f"{_ms([r['metrics']['psnr_teacher'] for r in main])} dB (exact up to float error); the shared student "
              "encoder into the Glow's decoder (S enc / T dec): "
