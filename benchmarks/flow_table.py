@@ -212,6 +212,8 @@ def analysis_of(a: argparse.Namespace, scorer: Scorer, row: str, seed: int, pair
 # ---------------------------------------------------------------------------------------- cost
 def cost_table(a: argparse.Namespace, rows: list[str]) -> list[str]:
     """Params, MACs and per-image latency (batch 1, one thread, interleaved medians) of each network."""
+    from flow_speed import GlowDecoder  # the flow's decode as a module, so count_macs counts it
+
     from kdforge.config import load_config
     from kdforge.models.cost import count_macs
     from kdforge.recipe import build_model_from_config
@@ -224,15 +226,7 @@ def cost_table(a: argparse.Namespace, rows: list[str]) -> list[str]:
     with torch.no_grad():
         z = glow.encode(x, standardized=True)
 
-    class Decode(torch.nn.Module):
-        def __init__(self, g):
-            super().__init__()
-            self.g = g
-
-        def forward(self, *latents):
-            return self.g.decode(list(latents), standardized=True)
-
-    nets = {"Glow encoder": (glow, (x,)), "Glow decoder": (Decode(glow), tuple(z))}
+    nets = {"Glow encoder": (glow, (x,)), "Glow decoder": (GlowDecoder(glow), tuple(z))}
     for row in ("rdb_students", "rdb_students_k1", "rdb_students_l2"):
         if row not in rows:
             continue
