@@ -1,5 +1,5 @@
-"""The `kdforge` command: prepare | train | distill | eval | report | export | bench | anonymize | deanonymize |
-demo | list.
+"""The `kdforge` command: prepare | train | distill | eval | report | sweep | export | bench | anonymize |
+deanonymize | demo | list.
 
 Each verb parses its options and calls one function of the Python API (kdforge.api, kdforge.data,
 kdforge.report); nothing is done here that a script could not do.
@@ -157,7 +157,7 @@ def cmd_report(a: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:  # skipped runs: one line each, not a Python warning
         warnings.simplefilter("always")
         try:
-            table = aggregate(a.runs, metric=a.metric, mode=a.mode)
+            table = aggregate(a.runs, metric=a.metric, mode=a.mode, select=a.select, select_mode=a.select_mode)
         finally:
             for w in caught:
                 print(f"kdforge report: warning: {w.message}", file=sys.stderr)
@@ -165,6 +165,39 @@ def cmd_report(a: argparse.Namespace) -> int:
         Path(a.out).write_text(table)
     print(table)
     return 0
+
+
+def cmd_sweep(a: argparse.Namespace) -> int:
+    from kdforge.sweep import SweepFailed, parse_grid, parse_seeds, parse_space, search, sweep
+
+    seeds = parse_seeds(a.seeds) if a.seeds is not None else None
+    common = dict(jobs=a.jobs, verb=a.verb, out_dir=a.out_dir, overrides=a.overrides, threads=a.threads, mode=a.mode,
+                  select=a.select, select_mode=a.select_mode)
+    try:
+        if a.search == "optuna":
+            if a.grid:
+                raise ValueError("--grid and --search optuna do not mix: give the searched keys as --space; fixed "
+                                 "values as --set")
+            if a.trials is None or not a.space or a.metric is None:
+                raise ValueError("--search optuna needs --trials N, --metric M (the mean over seeds is the objective) "
+                                 "and at least one --space key=low:high[:log], key=int:low:high or key=a,b,c")
+            search(a.recipe, parse_space(a.space), seeds, trials=a.trials, metric=a.metric, **common)
+        else:
+            if a.trials is not None or a.space:
+                raise ValueError("--trials and --space belong to --search optuna; a grid is given by --grid")
+            sweep(a.recipe, parse_grid(a.grid), seeds, metric=a.metric, **common)
+    except SweepFailed as e:
+        print(f"kdforge sweep: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_select_options(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--select", metavar="METRIC",
+                   help="mark the row with the best mean of this metric over its seeds and name it under the table; "
+                        "it may differ from --metric (show top1, select by DEO_M as the MFD paper does)")
+    s.add_argument("--select-mode", choices=["max", "min"], default=None,
+                   help="whether higher or lower --select is better (default: decided for it as for --mode)")
 
 
 def cmd_export(a: argparse.Namespace) -> int:
@@ -355,8 +388,48 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mode", choices=["max", "min"], default=None,
                    help="whether higher or lower is better, for 'best' (default: the runs' monitor mode for this "
                         "metric, else min for loss/error/distance names such as loss, l1, fid)")
+    _add_select_options(s)
     s.add_argument("--out", help="also write the table to this file")
     s.set_defaults(fn=cmd_report)
+
+    s = sub.add_parser("sweep", help="run a recipe over a grid of values (or an Optuna search) and seeds, N at once",
+                       description="Run the recipe once per grid point (the cartesian product of the --grid values) "
+                                   "and seed, each as its own `kdforge distill|train` process, --jobs at once (the "
+                                   "CPU cores split between them; on CUDA they share the GPU), into "
+                                   "<--out-dir>/<name>_<key><value>..._s<seed> with its output in sweep.log there. "
+                                   "Every run's config is checked before any starts. Finished runs are skipped and "
+                                   "interrupted ones resumed, so the same command again completes a sweep. A failed "
+                                   "run is reported with the end of its log, the others go on, and the exit code "
+                                   "is 1. Ends with the `kdforge report` table of the sweep's runs. " + RECIPE_HELP)
+    s.add_argument("recipe", help="a YAML recipe (see recipes/)")
+    s.add_argument("--verb", choices=["distill", "train"], default="distill",
+                   help="what each run is: kdforge distill or kdforge train (default: %(default)s)")
+    s.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="a key and its values (repeatable: the grid is the product), each parsed as --set parses "
+                        "it: --grid method.temperature=2,4 --grid train.lr=0.1,0.05; brackets keep a list whole")
+    s.add_argument("--seeds", metavar="S1,S2,...", help="seeds of every point, e.g. 0,1,2 (default: the recipe's)")
+    s.add_argument("--jobs", type=int, default=1, metavar="N", help="runs at once (default: %(default)s)")
+    s.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads per run (OMP_NUM_THREADS; default: the cores divided by --jobs)")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key in every run (repeatable), e.g. train.epochs=30")
+    s.add_argument("--out-dir", help="the sweep's folder, holding one run folder per point and seed (default: "
+                                     "<the recipe's out_dir>/<its name>_sweep)")
+    s.add_argument("--metric", default=None,
+                   help="the table's metric (default: the runs' monitor metric); with --search, the objective")
+    s.add_argument("--mode", choices=["max", "min"], default=None,
+                   help="whether higher or lower --metric is better (default: as kdforge report decides)")
+    _add_select_options(s)
+    g = s.add_argument_group("search", "--search optuna --trials N --metric M --space ...: Optuna proposes each "
+                             "trial's values; a trial is one run per seed, scored by the mean of M over them. The "
+                             "study is kept in <out-dir>/optuna.db: --trials counts the completed trials wanted in "
+                             "all, so the same command again continues a search (pip install 'kdforge[sweep]')")
+    g.add_argument("--search", choices=["grid", "optuna"], default="grid", help="(default: %(default)s)")
+    g.add_argument("--trials", type=int, metavar="N", help="completed trials wanted in the study")
+    g.add_argument("--space", action="append", default=[], metavar="KEY=RANGE",
+                   help="a searched key (repeatable): key=low:high[:log] (float), key=int:low:high[:log] or "
+                        "key=a,b,c (choices), e.g. --space train.lr=1e-3:1e-1:log --space method.temperature=2,4,8")
+    s.set_defaults(fn=cmd_sweep)
 
     s = sub.add_parser("export", help="export a trained network to ONNX, TorchScript or torch.export and check it",
                        description="Export the student (or --network) of a run folder or checkpoint, load the file "

@@ -3,7 +3,8 @@
 Student and teacher penultimate features are embedded (linear + L2 norm) into a shared space. Each
 side is contrasted against a momentum memory bank of the other side's embeddings: the positive is the
 same sample's entry, K negatives are drawn uniformly from the dataset, and the NCE objective with noise
-1/N is applied in both directions. The memory banks are buffers, so they are checkpointed and resumed.
+1/N is applied in both directions. The memory banks are buffers, so they are checkpointed and resumed; under
+data parallel every rank applies the whole global batch's bank update (gathered), so the banks stay identical.
 Loss: ce_weight * CE + kd_weight * KD + crd_weight * (NCE_student_anchor + NCE_teacher_anchor); 0.8 is the
 paper's weight.
 """
@@ -17,6 +18,7 @@ from torch import nn
 
 from kdforge.distillers.base import Batch
 from kdforge.distillers.feature_base import FeatureDistiller
+from kdforge.engine import distributed
 from kdforge.losses import crd_nce, crd_scores
 from kdforge.registry import DISTILLERS
 
@@ -56,17 +58,19 @@ class CRD(FeatureDistiller):
         idx = batch["index"].long()
         es = F.normalize(self.embed_s(s_feats[0].flatten(1)), dim=1)
         et = F.normalize(self.embed_t(t_feats[0].flatten(1)), dim=1)
-        neg = torch.randint(0, self.n_data, (idx.numel(), self.k), device=idx.device)
+        neg = distributed.randint(self.n_data, idx.numel(), self.k, device=idx.device)  # this rank's block
         contrast = torch.cat([idx[:, None], neg], dim=1)
         out_s = crd_scores(es, self.memory_t[contrast].detach(), self.nce_temperature)  # student anchor
         out_t = crd_scores(et, self.memory_s[contrast].detach(), self.nce_temperature)  # teacher anchor
-        if self.z_s < 0:
-            self.z_s.fill_(float(out_s.detach().mean()) * self.n_data)
-            self.z_t.fill_(float(out_t.detach().mean()) * self.n_data)
+        if self.z_s < 0:  # over the global batch, so every rank divides by the same constants
+            s_all, t_all = distributed.gather_batch(out_s.detach(), out_t.detach())
+            self.z_s.fill_(float(s_all.mean()) * self.n_data)
+            self.z_t.fill_(float(t_all.mean()) * self.n_data)
         out_s, out_t = out_s / self.z_s, out_t / self.z_t
         loss = crd_nce(out_s[:, 0], out_s[:, 1:], self.n_data) + crd_nce(out_t[:, 0], out_t[:, 1:], self.n_data)
-        with torch.no_grad():
+        with torch.no_grad():  # every rank writes the whole global batch's entries: the banks stay identical
+            idx, es, et = distributed.gather_batch(idx, es.detach().float(), et.detach().float())
             m = self.bank_momentum  # named apart from SGD's momentum, so the two never collide
-            self.memory_s[idx] = F.normalize(m * self.memory_s[idx] + (1 - m) * es.detach().float(), dim=1)
-            self.memory_t[idx] = F.normalize(m * self.memory_t[idx] + (1 - m) * et.detach().float(), dim=1)
+            self.memory_s[idx] = F.normalize(m * self.memory_s[idx] + (1 - m) * es, dim=1)
+            self.memory_t[idx] = F.normalize(m * self.memory_t[idx] + (1 - m) * et, dim=1)
         return {"crd": loss}

@@ -25,6 +25,7 @@ from torch import nn
 from kdforge.distillers.base import Batch
 from kdforge.distillers.feature_base import check_weights
 from kdforge.distillers.generator_base import GeneratorDistiller
+from kdforge.engine import distributed
 from kdforge.losses import kd_div
 from kdforge.losses.data_free import activation_loss, information_entropy_loss, one_hot_loss
 from kdforge.registry import DISTILLERS
@@ -41,7 +42,8 @@ def dafl_generator_terms(teacher_logits: torch.Tensor, teacher_features: torch.T
             raise ValueError("dafl: activation_weight > 0 needs the teacher's features")
         out["activation"] = activation_weight * activation_loss(teacher_features)
     if balance_weight:
-        out["balance"] = balance_weight * information_entropy_loss(teacher_logits)
+        # the batch-mean prediction over the global batch (every rank's images, gathered, under data parallel)
+        out["balance"] = balance_weight * information_entropy_loss(distributed.gather_batch(teacher_logits)[0])
     return out
 
 

@@ -50,6 +50,7 @@ from torch import nn
 
 from kdforge.distillers.base import Batch, Distiller, Stage
 from kdforge.distillers.flow_mle import check_flow
+from kdforge.engine import distributed
 from kdforge.losses.image import lpips_network, wavelet_loss
 from kdforge.losses.vem import ssim, style_loss, total_variation
 from kdforge.models.feature_net import build_feature_net
@@ -146,7 +147,8 @@ class FlowKD(Distiller):
         """eps ~ N(0, T^2 I) and the teacher's images D_t(eps), keeping the samples it decodes to finite images (and,
         with `sample_bound` b, within [-b, b]): a Glow's inverse overflows on a few draws of its own prior (a face
         Glow after 4 epochs, T = 1: NaN in 2 of 5 batches of 64), and one NaN sample would poison the whole step."""
-        eps = [torch.randn(n, *shape, device=device) * self.sample_temperature for shape in self.teacher.latent_shapes]
+        t = self.sample_temperature
+        eps = [distributed.randn(n, *shape, device=device) * t for shape in self.teacher.latent_shapes]
         x_t = self.teacher_decode(eps)
         flat = x_t.flatten(1)
         ok = torch.isfinite(flat).all(1) & (torch.nan_to_num(flat).abs().amax(1) <= self.sample_bound)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from kdforge.distillers.base import Batch, Distiller
+from kdforge.engine import distributed
 from kdforge.engine.optim import build_optimizer
 from kdforge.models import build_model
 
@@ -39,7 +40,7 @@ def eval_codes(index: torch.Tensor, z_dim: int, device: torch.device | str) -> t
 def batch_codes(batch: dict[str, Any], z_dim: int, device: torch.device | str) -> torch.Tensor:
     """Fresh training codes, one per sample of the batch (its images, or a DataFree batch's `batch_size`)."""
     n = int(batch["batch_size"]) if "batch_size" in batch else int(batch["image"].shape[0])
-    return torch.randn(n, z_dim, device=device)
+    return distributed.randn(n, z_dim, device=device)  # this rank's block of the global batch's codes
 
 
 def generator_input(generator: nn.Module, batch: dict[str, Any], *, train: bool) -> torch.Tensor:

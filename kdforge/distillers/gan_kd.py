@@ -35,6 +35,7 @@ from kdforge.distillers.base import Batch, Distiller
 from kdforge.distillers.feature_base import check_weights
 from kdforge.distillers.gan_base import generator_input, network, real_images, z_dim_of
 from kdforge.distillers.pix2pix import to_unit
+from kdforge.engine import distributed
 from kdforge.engine.optim import build_optimizer
 from kdforge.losses.gan import check_gan_loss, discriminator_loss, generator_loss
 from kdforge.losses.vem import feature_mimic_loss, ssim, style_loss, total_variation
@@ -225,7 +226,8 @@ class GeneratorKD(Distiller):
             if w["style"]:
                 out["style"] = w["style"] * style_loss(fs, ft)
         if w["tv"]:
-            out["tv"] = w["tv"] * total_variation(s)
+            # summed over the global batch: each rank's sum counts once per rank (gradients are averaged)
+            out["tv"] = w["tv"] * total_variation(s) * distributed.current().world_size
         if w["target"]:
             out["target"] = w["target"] * F.l1_loss(s, real_images(batch).float())
         if w["gan"]:
@@ -261,6 +263,9 @@ class GeneratorKD(Distiller):
     def _remember_snapshot(self, x: torch.Tensor, batch: Batch) -> None:
         """Image-to-image: the first training batch's first inputs (and targets) become the fixed snapshot."""
         if self.z_dim is None and int(self.snapshot_count[0]) == 0:
+            x, *target = distributed.gather_batch(x, *([batch["target"]] if "target" in batch else []))
+            if target:  # the global batch's first samples, whichever rank holds them
+                batch = {**batch, "target": target[0]}
             n = min(len(x), len(self.snapshot_input))
             self.snapshot_input[:n].copy_(x[:n])
             self.snapshot_count[0] = n

@@ -20,6 +20,7 @@ from torch import nn
 from kdforge.distillers.base import Batch
 from kdforge.distillers.gan_kd import GeneratorKD
 from kdforge.distillers.vem import check_mi_target, mi_reference
+from kdforge.engine import distributed
 from kdforge.losses.vem import NEGATIVES, image_patches, patch_nce, vid_pixel_nll
 from kdforge.registry import DISTILLERS
 
@@ -85,4 +86,6 @@ class GeneratorCRD(_MIAddOn):
         z_s = self.mi_head(image_patches(s, self.patch_size))
         with torch.no_grad():
             z_r = self.mi_head(image_patches(reference, self.patch_size))
+        if self.negatives != "image":  # negatives from other images: the global batch's (gathered over ranks)
+            z_s, z_r = distributed.gather_batch(z_s, z_r)
         return patch_nce(z_s, z_r, temperature=self.nce_temperature, negatives=self.negatives), {}

@@ -20,6 +20,7 @@ from torch import nn
 
 from kdforge.distillers.base import Batch, Distiller
 from kdforge.distillers.gan_base import network
+from kdforge.engine import distributed
 from kdforge.engine.optim import SCHEDULES, build_optimizer
 from kdforge.models.state import keep_running_stats, no_weight_grads  # noqa: F401  (re-exported)
 from kdforge.registry import did_you_mean
@@ -95,7 +96,7 @@ class GeneratorDistiller(Distiller):
 
     def synthesize(self, n: int) -> torch.Tensor:
         """n generated images for fresh codes, normalised like the data (with grad to the generator)."""
-        z = torch.randn(n, self.z_dim, device=self.image_mean.device)
+        z = distributed.randn(n, self.z_dim, device=self.image_mean.device)  # this rank's block of the global draw
         x = self.generator(z)
         if self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(f"{self.method}: the generator makes {tuple(x.shape[1:])} images but the data's are "

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdforge.distillers.base import Batch, Distiller
+from kdforge.engine import distributed
 from kdforge.losses import kd_div
 from kdforge.losses.mfd import mfd_loss
 from kdforge.registry import DISTILLERS
@@ -63,7 +64,9 @@ class MFD(Distiller):
             if self.kd_weight:
                 out["kd"] = self.kd_weight * kd_div(s_logits, t_logits.float(), self.temperature)
         with torch.autocast(s_feat.device.type, enabled=False):  # exp of distance differences needs fp32
-            mmd = mfd_loss(s_feat.float(), None if t_feat is None else t_feat.float(), batch["label"],
-                           batch["group"], **self.mmd)
+            # the kernels over the global batch's samples (gathered over ranks under data parallel)
+            s_all, label, group = distributed.gather_batch(s_feat.float(), batch["label"], batch["group"])
+            t_all = None if t_feat is None else distributed.gather_batch(t_feat.float())[0]
+            mmd = mfd_loss(s_all, t_all, label, group, **self.mmd)
         out["mfd"] = self.mfd_weight / 2 * mmd
         return out

@@ -27,6 +27,7 @@ from torch.profiler import record_function
 from kdforge.distillers.base import Batch
 from kdforge.distillers.gan_base import network
 from kdforge.distillers.generator_base import GeneratorDistiller, keep_running_stats, no_weight_grads
+from kdforge.engine import distributed
 from kdforge.losses import kd_div
 from kdforge.losses.mosaic import generator_terms, patch_gan_loss
 from kdforge.registry import DISTILLERS
@@ -100,7 +101,9 @@ class MosaicKD(GeneratorDistiller):
                 t_logits, _ = self.run_teacher(batch, fake, grad=True)
                 s_logits = self.student(fake)
                 d_logits = self.discriminator(fake) if w["local_weight"] else None
-                terms = generator_terms(t_logits, s_logits, d_logits, temperature=1.0, **w)  # as the code
+                # p_bar over the global batch: under data parallel every rank's synthetic images (gathered)
+                all_t = distributed.gather_batch(t_logits)[0] if w["balance_weight"] else None
+                terms = generator_terms(t_logits, s_logits, d_logits, temperature=1.0, balance_logits=all_t, **w)
             self.optimizer_step("generator", sum(terms.values()))
         out.update({k: v.detach() for k, v in terms.items()})
 

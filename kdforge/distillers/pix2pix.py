@@ -25,6 +25,7 @@ from torch import nn
 
 from kdforge.distillers.base import Batch
 from kdforge.distillers.gan_base import GANTraining, network, real_images
+from kdforge.engine import distributed
 from kdforge.losses.gan import check_gan_loss, discriminator_loss, generator_loss
 from kdforge.models.state import keep_running_stats, no_weight_grads
 from kdforge.registry import DISTILLERS
@@ -86,6 +87,7 @@ class Pix2Pix(GANTraining):
     @torch.no_grad()
     def _remember(self, x: torch.Tensor, y: torch.Tensor) -> None:
         if int(self.snapshot_count) == 0:
+            x, y = distributed.gather_batch(x, y)  # the global batch's first samples, whichever rank holds them
             n = min(len(x), len(self.snapshot_input))
             self.snapshot_input[:n].copy_(x[:n])
             self.snapshot_target[:n].copy_(y[:n])

@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from kdforge.distillers.feature_base import FeatureDistiller
+from kdforge.engine import distributed
 from kdforge.losses import pkt_loss
 from kdforge.registry import DISTILLERS
 
@@ -28,4 +29,5 @@ class PKT(FeatureDistiller):
                          temperature=temperature)
 
     def feature_losses(self, s_feats, t_feats, batch):
-        return {"pkt": pkt_loss(s_feats[0], t_feats[0])}
+        # the similarity distributions over the global batch (gathered over ranks under data parallel)
+        return {"pkt": pkt_loss(*distributed.gather_batch(s_feats[0], t_feats[0]))}

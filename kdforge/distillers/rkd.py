@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from kdforge.distillers.feature_base import FeatureDistiller
+from kdforge.engine import distributed
 from kdforge.losses import rkd_angle, rkd_distance
 from kdforge.registry import DISTILLERS
 
@@ -23,7 +24,8 @@ class RKD(FeatureDistiller):
                          ce_weight=ce_weight, kd_weight=kd_weight, temperature=temperature)
 
     def feature_losses(self, s_feats, t_feats, batch):
-        s, t = s_feats[0].flatten(1), t_feats[0].flatten(1)
+        # relations among all the global batch's samples (gathered over ranks under data parallel)
+        s, t = distributed.gather_batch(s_feats[0].flatten(1), t_feats[0].flatten(1))
         out = {}
         if self.weights["rkd_dist"]:
             out["rkd_dist"] = rkd_distance(s, t)

@@ -25,6 +25,7 @@ from torch import nn
 from kdforge.distillers.base import Batch
 from kdforge.distillers.gan_base import network, real_images
 from kdforge.distillers.gan_kd import GeneratorKD
+from kdforge.engine import distributed
 from kdforge.losses.vem import energy_model_loss, langevin_sample, vem_student_loss
 from kdforge.registry import DISTILLERS
 
@@ -87,7 +88,7 @@ class VEM(GeneratorKD):
         """t~ ~ q(. | s): K Langevin steps on E(., s) from the chosen start, E in eval mode."""
         start = {"student": s, "teacher": reference}.get(self.chain_init)
         if start is None:
-            start = torch.randn_like(s)
+            start = distributed.randn(*s.shape, device=s.device, dtype=s.dtype)  # this rank's block
         s = s.detach().float()
         was = self.energy.training
         self.energy.eval()

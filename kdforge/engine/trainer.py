@@ -147,6 +147,7 @@ class Trainer:
         ckpt = self._restore(distiller, resume) if resume else None
         if self.dist.enabled:  # one starting state on every rank, whatever each initialised locally
             distributed.broadcast_state(distiller)
+            distributed.broadcast_rng(self.device)  # ranks draw noise in step (distributed.randn keeps a block)
             if cfg.sync_batchnorm:
                 distributed.sync_batchnorm(distiller, self.device)
         stages = distiller.stages(cfg.epochs)
@@ -374,9 +375,13 @@ class Trainer:
         was_training = distiller.training
         distiller.eval()
         try:
+            predict = distiller.predict
+            reference = distiller.teacher_predict if distiller.teacher is not None else None
+            if distributed.current().enabled:  # the model runs on each rank's block of a batch, outputs gathered
+                predict = distributed.gathered(predict)
+                reference = distributed.gathered(reference) if reference is not None else None
             with self._autocast():
-                return self.evaluator(distiller.predict, loader, self.device,
-                                      reference=distiller.teacher_predict if distiller.teacher is not None else None,
+                return self.evaluator(predict, loader, self.device, reference=reference,
                                       to_batch=lambda b, d: to_batch(b, d, self.cfg.channels_last))
         finally:
             distiller.train(was_training)

@@ -49,13 +49,14 @@ def patch_gan_loss(logits: Tensor, real: bool) -> Tensor:
 
 def generator_terms(teacher_logits: Tensor, student_logits: Tensor, disc_logits: Tensor | None, *,
                     adv_weight: float, align_weight: float, local_weight: float, balance_weight: float,
-                    temperature: float = 1.0) -> dict[str, Tensor]:
+                    temperature: float = 1.0, balance_logits: Tensor | None = None) -> dict[str, Tensor]:
     """The generator's weighted terms, by name (their sum is its loss):
         adv     = adv_weight     * -KL(p_t || p_s)              disagreement, the DRO "max"
         align   = align_weight   * mean entropy of p_t         in-domain for the teacher
         local   = local_weight   * patch BCE(D(x), real)       locally like the OOD patches (needs disc_logits)
         balance = balance_weight * sum p_bar log2 p_bar        the batch covers the classes
-    A term whose weight is 0 is left out (not computed)."""
+    A term whose weight is 0 is left out (not computed). `balance_logits`: the teacher logits p_bar averages
+    (default `teacher_logits`; under data parallel, the global batch's)."""
     out: dict[str, Tensor] = {}
     if adv_weight:
         out["adv"] = adv_weight * negative_kl(student_logits, teacher_logits, temperature)
@@ -66,6 +67,6 @@ def generator_terms(teacher_logits: Tensor, student_logits: Tensor, disc_logits:
             raise ValueError("generator_terms: local_weight > 0 needs the discriminator's logits")
         out["local"] = local_weight * patch_gan_loss(disc_logits, real=True)
     if balance_weight:
-        out["balance"] = balance_weight * class_balance(teacher_logits)
+        out["balance"] = balance_weight * class_balance(teacher_logits if balance_logits is None else balance_logits)
     return out
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdforge.engine import distributed
 from kdforge.models.state import no_weight_grads
 from kdforge.registry import LOSSES
 
@@ -74,7 +75,7 @@ def langevin_sample(energy_fn: Callable[[Tensor], Tensor], init: Tensor, steps: 
         noise_std: the noise's standard deviation (>= 0), or None for sqrt(2 * step_size) (Eq. 7).
         clamp: optional (low, high) applied after every step (e.g. (-1, 1) for tanh images).
         generator: the noise's torch.Generator (on init's device), so a resumed run redraws the same chain;
-            the global RNG when None.
+            the global RNG when None (under data parallel, this rank's block of the global batch's noise).
     Returns:
         (B, ...) float32 samples, detached.
     """
@@ -92,7 +93,9 @@ def langevin_sample(energy_fn: Callable[[Tensor], Tensor], init: Tensor, steps: 
             (grad,) = torch.autograd.grad(energy.sum(), x)
             x = x.detach() - step_size * grad.to(torch.float32)
             if noise_std > 0:
-                x = x + noise_std * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                x = x + noise_std * (torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                                     if generator is not None else
+                                     distributed.randn(*x.shape, device=x.device, dtype=x.dtype))
             if clamp is not None:
                 x = x.clamp(*clamp)
     return x.detach()

@@ -426,7 +426,11 @@ class Glow(nn.Module):
         return all(m.is_initialized for m in self._actnorms)
 
     def initialize_actnorm(self, x: torch.Tensor) -> None:
-        """Fit every ActNorm to the batch x (in [-0.5, 0.5]), in flow order, each to its own input; under no_grad."""
+        """Fit every ActNorm to the batch x (in [-0.5, 0.5]), in flow order, each to its own input; under no_grad.
+        Under data parallel, to the global batch (every rank's x, gathered), so all ranks fit the same values."""
+        from kdforge.engine import distributed  # (lazy: the engine imports the models)
+
+        x = distributed.gather_batch(x.detach())[0]
         for m in self._actnorms:
             m._init_next = True
         try:
@@ -560,7 +564,9 @@ class Glow(nn.Module):
         if generator is not None:
             noise = torch.rand(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
         elif self.training:
-            noise = torch.rand_like(x)
+            from kdforge.engine import distributed  # (lazy: the engine imports the models)
+
+            noise = distributed.rand(*x.shape, device=x.device, dtype=x.dtype)  # this rank's block, under DDP
         else:
             noise = torch.full_like(x, 0.5)
         return x + noise / n_bins

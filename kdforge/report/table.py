@@ -3,6 +3,7 @@ seeds, the best seed, and the teacher's value of the same metric."""
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import warnings
 from collections import Counter
@@ -184,17 +185,46 @@ def _values(runs: list[Run], metric: str, key: str) -> list[float]:
     return [v for v in vals if v is not None]
 
 
-def aggregate(paths: Iterable[str | Path], metric: str | None = None, *, mode: str | None = None) -> str:
+def _finite_mean(vals: list[float]) -> float | None:
+    finite = [v for v in vals if math.isfinite(v)]
+    return statistics.fmean(finite) if finite else None
+
+
+def _select_row(rows: list[dict[str, Any]], mode: str) -> dict[str, Any] | None:
+    """The row with the best mean of the selecting metric (ties: the first in table order)."""
+    candidates = sorted((r for r in rows if r["select"] is not None), key=lambda r: r["key"])
+    if not candidates:
+        return None
+    return (max if mode == "max" else min)(candidates, key=lambda r: r["select"])
+
+
+def _selected_line(row: dict[str, Any] | None, select: str, mode: str, decimals: int | None) -> str:
+    better = "highest" if mode == "max" else "lowest"
+    if row is None:
+        return f"Selected: none (no row has a finite {select})."
+    data, _, student, method, label = row["key"]
+    return (f"Selected: {label} ({method}, {student} on {data}): the {better} mean {select} over its seeds, "
+            f"{fmt(row['select'], decimals, select)}.")
+
+
+def aggregate(paths: Iterable[str | Path], metric: str | None = None, *, mode: str | None = None,
+              select: str | None = None, select_mode: str | None = None) -> str:
     """A Markdown table of the runs under `paths`: one row per experiment (configuration minus seed), with the
     teacher's value of `metric`, the student's mean ± std over seeds, the number of seeds and the best seed.
 
     `metric` defaults to the runs' monitor metric; `mode` ("max"/"min") to the runs' monitor mode for it, else
     "min" for loss-, error- and distance-like names. An unknown metric raises ValueError with the closest names.
+    `select` names a metric (it may differ from `metric`: show accuracy, select by DEO_M) whose mean over seeds
+    picks the best row, by `select_mode` (defaulting as `mode` does): the row is marked in bold, a column shows
+    that mean when it is not `metric`'s, and a line under the table names the row.
     """
     found = load_runs(paths)
     runs = found.runs
     metric = _choose_metric(runs, metric)
     mode = _choose_mode(runs, metric, mode)
+    if select is not None:
+        select = _choose_metric(runs, select)
+        select_mode = _choose_mode(runs, select, select_mode)
     groups: dict[str, list[Run]] = {}
     for r in runs:
         groups.setdefault(r.group_id, []).append(r)
@@ -220,17 +250,26 @@ def aggregate(paths: Iterable[str | Path], metric: str | None = None, *, mode: s
                      "teacher": statistics.fmean(tvals) if tvals else None,
                      "mean": statistics.fmean(vals) if vals else None,
                      "std": statistics.stdev(vals) if len(vals) > 1 else None, "n": len(vals),
-                     "best": (max if mode == "max" else min)(finite) if finite else None})
+                     "best": (max if mode == "max" else min)(finite) if finite else None,
+                     "select": _finite_mean(_values(members, select, "metrics")) if select else None})
     d = decimals_for([v for row in rows for v in (row["mean"], row["teacher"], row["best"]) if v is not None], metric)
     better = "higher" if mode == "max" else "lower"
+    chosen = _select_row(rows, select_mode) if select else None
+    extra = select is not None and select != metric  # the selecting metric gets a column of its own
+    d_sel = decimals_for([r["select"] for r in rows if r["select"] is not None], select) if extra else None
     lines = [f"| data | teacher | student | method | run | teacher {metric} | student {metric} (mean ± std over seeds) "
-             f"| seeds | best ({mode}) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"| seeds | best ({mode}) |" + (f" {select} (mean, {select_mode}) |" if extra else ""),
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if extra else "")]
     for row in sorted(rows, key=lambda r: r["key"]):
         student = fmt(row["mean"], d, metric) + (f" ± {fmt(row['std'], d, metric)}" if row["std"] is not None else "")
-        lines.append("| " + " | ".join([*row["key"], fmt(row["teacher"], d, metric), student, str(row["n"]),
-                                        fmt(row["best"], d, metric)]) + " |")
+        key = [*row["key"][:4], f"**{row['key'][4]}**" if row is chosen else row["key"][4]]
+        lines.append("| " + " | ".join([*key, fmt(row["teacher"], d, metric), student, str(row["n"]),
+                                        fmt(row["best"], d, metric)]
+                                       + ([fmt(row["select"], d_sel, select)] if extra else [])) + " |")
     notes = [f"Final {metric} of each run; {better} is better; best = the best seed's value. Rows are "
              "experiments (configuration minus seed), labelled by recipe name."]
+    if select:
+        notes.insert(0, _selected_line(chosen, select, select_mode, d if select == metric else d_sel))
     if left_out:
         notes.append(f"Left out {left_out} run{'s' * (left_out != 1)} without {metric!r}.")
     if found.duplicates:
