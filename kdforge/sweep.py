@@ -33,10 +33,11 @@ from typing import Any
 import yaml
 
 from kdforge.config import ConfigError, RunConfig, check_kwargs, expand_path, load_config, parse_override
+from kdforge.engine.run_folder import SWEEP_LOG, open_run_folder
 from kdforge.report.common import RUN_ONLY_KEYS, flatten
 
 VERBS = ("distill", "train")
-LOG = "sweep.log"  # each run's stdout and stderr, appended to at every attempt, in its run folder
+LOG = SWEEP_LOG  # each run's stdout and stderr, appended to at every attempt, in its run folder
 EXTENDABLE = ("train.epochs", "train.max_steps")  # a finished run differing only in these is resumed, not refused
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _MAX_LABEL = 100  # longer names are cut and keep a hash of the point, so they stay unique
@@ -256,8 +257,6 @@ def run_all(runs: list[SweepRun], *, recipe: str | Path, verb: str, jobs: int, t
 
 
 def _launch(run: SweepRun, recipe: str | Path, verb: str, env: dict[str, str]) -> tuple[int, list[str]]:
-    from kdforge.engine.run_folder import open_run_folder
-
     cmd = [sys.executable, "-m", "kdforge", verb, str(recipe), *(x for o in run.overrides for x in ("--set", o))]
     if run.action == "resume":
         cmd.append("--resume")

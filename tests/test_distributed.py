@@ -1,6 +1,7 @@
 """Data parallel through torch.distributed (kdforge/engine/distributed.py): a 2-process gloo run launched by torchrun
 on loopback against a 1-process run with the same global batch gives the same losses and the same final weights
-(Hinton KD through sharded BatchLoaders here; every method in tests/test_distributed_methods.py); ranks that
+(Hinton KD through sharded BatchLoaders, on one node and on two torchrun "nodes" meeting through a c10d rendezvous;
+every method in tests/test_distributed_methods.py); ranks that
 initialise their student differently start from rank 0's; only rank 0 writes; --nproc, a lost rank, resume."""
 from __future__ import annotations
 
@@ -58,15 +59,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(script: Path, out: Path, method: str, nproc: int) -> None:
+def _clean_env() -> dict[str, str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
+    return env
+
+
+def _run(script: Path, out: Path, method: str, nproc: int) -> None:
     launch = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
                f"--master_port={_free_port()}"] if nproc > 1 else [sys.executable])
-    done = subprocess.run([*launch, str(script), str(out), method, "16"], env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run([*launch, str(script), str(out), method, "16"], env=_clean_env(), capture_output=True,
+                          text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _run_two_nodes(script: Path, out: Path, method: str) -> None:
+    """Two torchrun agents, one process each, meeting through a c10d rendezvous on loopback: the multi-node form."""
+    port = _free_port()
+    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=kdforge-test",
+                                str(script), str(out), method, "16"], env=_clean_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for agent in agents:
+        _, err = agent.communicate(timeout=300)
+        assert agent.returncode == 0, err[-3000:]
 
 
 def _losses(run: Path) -> list[float]:
@@ -74,13 +91,23 @@ def _losses(run: Path) -> list[float]:
             if json.loads(line)["kind"] == "step"]
 
 
-@pytest.mark.parametrize("method", ["kd"])  # every method: tests/test_distributed_methods.py
-def test_two_processes_match_one_with_the_same_global_batch(method, tmp_path):
-    script = tmp_path / "worker.py"
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("one_process")
+    script = root / "worker.py"
     script.write_text(WORKER)
-    one, two = tmp_path / "one", tmp_path / "two"
-    _run(script, one, method, 1)
-    _run(script, two, method, 2)
+    _run(script, root / "one", "kd", 1)
+    return script, root / "one"
+
+
+@pytest.mark.parametrize("launch", ["one_node", "two_nodes"])  # every method: tests/test_distributed_methods.py
+def test_two_processes_match_one_with_the_same_global_batch(launch, one_process, tmp_path):
+    script, one = one_process
+    two = tmp_path / "two"
+    if launch == "one_node":
+        _run(script, two, "kd", 2)
+    else:
+        _run_two_nodes(script, two, "kd")
     ref = torch.load(one / "student_rank0.pt")
     for rank in (0, 1):  # both ranks end with the single process's weights
         got = torch.load(two / f"student_rank{rank}.pt")
@@ -105,9 +132,7 @@ def test_cli_nproc_runs_a_recipe_on_two_processes_and_resumes(tmp_path):
                  "root": str(tmp_path / "cache"), "batch_size": 16, "crop_pad": 0, "flip": False},
         "student": "resnet20", "teacher": {"name": "resnet20", "weights": str(tmp_path / "teacher.pt")},
         "method": {"name": "kd"}, "train": {"epochs": 1, "device": "cpu", "progress": False, "log_every": 1}}))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
+    env = _clean_env()
 
     def kdforge(*args):
         done = subprocess.run([sys.executable, "-m", "kdforge", "distill", str(recipe), "--nproc", "2", *args],
@@ -159,9 +184,7 @@ def test_a_lost_rank_fails_the_run_clearly_and_it_resumes_from_the_last_checkpoi
                  "root": str(tmp_path / "cache"), "batch_size": 16, "crop_pad": 0, "flip": False},
         "student": "crashnet:CrashNet", "method": "scratch",
         "train": {"epochs": 1, "device": "cpu", "progress": False, "log_every": 1, "checkpoint_every": 1}}))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CRASH_RANK1": "1"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
+    env = {**_clean_env(), "CRASH_RANK1": "1"}
     cmd = [sys.executable, "-m", "kdforge", "train", str(recipe), "--nproc", "2"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode != 0 and "rank 1 lost" in done.stderr and "add --resume" in done.stderr

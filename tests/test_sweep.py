@@ -208,3 +208,13 @@ def test_an_optuna_search_resumes_from_its_study(tmp_path, capsys):
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{folder / 'optuna.db'}")
     values = sorted(t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE)
     assert values == pytest.approx(sorted(json.loads(p.read_text())["metrics"]["loss"] for p in runs))
+
+
+def test_a_sweep_run_folder_can_be_replaced_by_hand_keeping_its_log(tmp_path):
+    from kdforge.engine.run_folder import SWEEP_LOG, open_run_folder
+
+    open_run_folder(tmp_path, "r", resume=False, overwrite=False).close()  # as the sweep marks it before a run
+    (tmp_path / "r" / SWEEP_LOG).write_text("attempt 1\n")
+    (tmp_path / "r" / "metrics.jsonl").write_text("{}\n")
+    open_run_folder(tmp_path, "r", resume=False, overwrite=True).close()  # `kdforge distill --overwrite`
+    assert (tmp_path / "r" / SWEEP_LOG).read_text() == "attempt 1\n" and not (tmp_path / "r" / "metrics.jsonl").exists()

@@ -40,8 +40,9 @@ LOCK = ".lock"
 
 # What kdforge writes at the top of a run folder, and inside its two subfolders (name patterns); a file a
 # run writes must be listed here, or --overwrite will refuse to replace the folder.
+SWEEP_LOG = "sweep.log"  # `kdforge sweep` writes each run's output here, open while the run (re)starts: kept
 RUN_FILES = ("config.yaml", "metrics.jsonl", "report.md", "summary.json", "teacher_metrics.json", "*.png",
-             ".*.tmp", MARKER, LOCK)
+             ".*.tmp", MARKER, LOCK, SWEEP_LOG)
 RUN_DIRS = {"checkpoints": ("*.pt", ".*.tmp"), "tb": ("events.out.tfevents.*",), "samples": ("*.png",)}
 
 # Settings a resumed run may change: they say how long to train and how to report, not what is trained.
@@ -166,7 +167,7 @@ def _open(path: Path, resume: bool, overwrite: bool, config: dict[str, Any] | No
                 _write_marker(path)
         else:
             _check_fresh_start(path, overwrite)  # again, now that no other kdforge run can change it
-            _remove(path, _own_entries(path, keep=(MARKER, LOCK)))  # a failed attempt's or the replaced run's
+            _remove(path, _own_entries(path, keep=(MARKER, LOCK, SWEEP_LOG)))  # a failed attempt's or the replaced run's
             _write_marker(path)
         _remove(path, _killed_writes(path))
     except BaseException:
