@@ -67,6 +67,9 @@ class DataConfig:
     synthetic_train: int = 10000  # sizes of the generated dataset when name == synthetic
     synthetic_test: int = 2000
     synthetic_size: int = 32
+    # keep the decoded splits on this device (e.g. cuda) and build every batch there (crop, flip, normalise):
+    # CIFAR-size data fits on any GPU, and the input pipeline then never waits on the CPU
+    device: str | None = None
 
     def __post_init__(self) -> None:
         _validate_data(self)
@@ -116,6 +119,8 @@ class TrainConfig:
     tensorboard: bool = False
     teacher_cache: bool = False  # reuse teacher outputs by sample index (inputs must be deterministic)
     sync_batchnorm: bool = False  # data parallel on CUDA: BatchNorm statistics over the global batch (SyncBatchNorm)
+    compile: bool = False  # torch.compile the teacher and the method's networks in place (names and keys unchanged)
+    compile_mode: str = "default"  # torch.compile's mode: default | reduce-overhead | max-autotune | ...
 
     def __post_init__(self) -> None:  # also for TrainConfig(...) and distill(..., epochs=0) from Python
         _validate_train(self)
@@ -148,6 +153,7 @@ class RunConfig:
 PRECISIONS = ("32", "fp32", "bf16", "16", "fp16")
 OPTIMIZERS = ("sgd", "adam", "adamw")  # what kdforge.engine.optim builds
 SCHEDULES = ("cosine", "multistep", "constant", "plateau")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
 def validate_run_name(name: Any) -> str:
@@ -257,13 +263,14 @@ def _validate_train(c: TrainConfig) -> None:
     _number(c, s, "checkpoint_every", integer=True, low=1, optional=True)
     _number(c, s, "eval_every", integer=True, low=1)
     _number(c, s, "log_every", integer=True, low=0, why=" (0: no step lines)")
-    for key in ("progress", "tensorboard", "teacher_cache"):
+    for key in ("progress", "tensorboard", "teacher_cache", "compile"):
         _flag(c, s, key)
+    _choice(c, s, "compile_mode", COMPILE_MODES)
 
 
-def _device(name: Any) -> None:
+def _device(name: Any, key: str = "train.device") -> None:
     if not isinstance(name, str) or not name.strip():
-        raise ConfigError(f"train.device: must be auto or a torch device such as cpu, cuda, cuda:1, got {name!r}")
+        raise ConfigError(f"{key}: must be auto or a torch device such as cpu, cuda, cuda:1, got {name!r}")
     if name == "auto":
         return
     import torch  # only here: parsing a device name needs no GPU, but config.py stays light otherwise
@@ -271,7 +278,7 @@ def _device(name: Any) -> None:
     try:
         torch.device(name)
     except (RuntimeError, ValueError) as e:
-        raise ConfigError(f"train.device: unknown device {name!r} (use auto, cpu, cuda, cuda:N, mps, ...)") from e
+        raise ConfigError(f"{key}: unknown device {name!r} (use auto, cpu, cuda, cuda:N, mps, ...)") from e
 
 
 def _validate_data(c: DataConfig) -> None:
@@ -280,6 +287,8 @@ def _validate_data(c: DataConfig) -> None:
         _text(c, s, key)
     _number(c, s, "batch_size", integer=True, low=1)
     _number(c, s, "eval_batch_size", integer=True, low=1)
+    if c.device is not None:
+        _device(c.device, "data.device")
     _number(c, s, "crop_pad", integer=True, low=0, why=" (0: no random crop)")
     _flag(c, s, "flip")
     _number(c, s, "resize", integer=True, low=1, optional=True)

@@ -466,3 +466,37 @@ def test_loader_image_shape_matches_its_batches():
     for augment in (BatchAugment(2, True), BatchAugment(resize=24)):
         loader = BatchLoader(data, 4, augment=augment, prefetch=0)
         assert tuple(loader.get_batch(0)["image"].shape[1:]) == loader.image_shape
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_loader_on_a_device_builds_the_same_batches(synth, channels_last):
+    """`device=`: the split lives decoded there and batches are built there (the GPU path; "cpu" here runs the
+    same code) with the same draws: the same images, labels, indices and attributes as the numpy path."""
+    common = dict(shuffle=True, augment=BatchAugment(4, True, resize=24), seed=3, channels_last=channels_last,
+                  rank=1, world_size=2)
+    host, dev = BatchLoader(synth["train"], 8, **common), BatchLoader(synth["train"], 8, device="cpu", **common)
+    for epoch in (0, 1):
+        host.set_epoch(epoch)
+        dev.set_epoch(epoch)
+        pairs = list(zip(host, dev))
+        assert len(pairs) == len(host) > 1
+        for a, b in pairs:
+            assert a.keys() == b.keys() and b["image"].device.type == "cpu"
+            assert b["image"].is_contiguous(memory_format=torch.channels_last) == channels_last
+            for k in a:
+                torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_data_device_puts_a_recipes_loaders_on_it_and_is_refused_for_paired_loaders(tmp_path):
+    from kdforge.config import ConfigError, load_config
+    from kdforge.data.build import build_loaders
+
+    data = {"name": "synthetic", "synthetic_train": 32, "synthetic_test": 16, "synthetic_size": 16,
+            "root": str(tmp_path / "cache"), "batch_size": 8, "device": "cpu"}
+    bundle = build_loaders(load_config(None, base={"data": data}).data)
+    assert bundle.train.device == bundle.val.device == torch.device("cpu")
+    assert next(iter(bundle.train))["image"].shape == (8, 3, 16, 16)
+    with pytest.raises(ConfigError, match="data.device"):
+        load_config(None, base={"data": {**data, "device": "gpu0"}})
+    with pytest.raises(ValueError, match="own loader"):
+        build_loaders(load_config(None, base={"data": {**data, "name": "synthetic_edges"}}).data)

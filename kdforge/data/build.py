@@ -104,9 +104,23 @@ def _train_loader(cfg: Any, train: Any, seed: int, sampler: Any, groups: int | N
             f"lower data.batch_size (or raise data.train_subset)"
         )
     augment = BatchAugment(crop_pad=cfg.crop_pad, flip=cfg.flip, resize=cfg.resize)
-    loader = _loader_class(cfg.train_name or cfg.name)
-    return loader(train, cfg.batch_size // world_size, shuffle=True, drop_last=True, augment=augment, mean=cfg.mean,
-                  std=cfg.std, seed=seed, sampler=sampler, num_groups=groups, rank=rank, world_size=world_size)
+    name = cfg.train_name or cfg.name
+    return _loader_class(name)(train, cfg.batch_size // world_size, shuffle=True, drop_last=True, augment=augment,
+                               mean=cfg.mean, std=cfg.std, seed=seed, sampler=sampler, num_groups=groups, rank=rank,
+                               world_size=world_size, **_on_device(cfg, name))
+
+
+def _on_device(cfg: Any, name: str) -> dict[str, Any]:
+    """`device=` for a BatchLoader when data.device asks (a dataset's own loader class builds its batches itself)."""
+    from kdforge.data.loader import BatchLoader
+
+    device = getattr(cfg, "device", None)
+    if device is None or device == "auto":
+        return {}
+    if _loader_class(name) is not BatchLoader:
+        raise ValueError(f"data.device: dataset {name!r} builds its batches with its own loader "
+                         f"({_loader_class(name).__name__}), which keeps its data on the CPU; remove data.device")
+    return {"device": device}
 
 
 def _data_free_bundle(cfg: Any, seed: int, world_size: int = 1) -> DataBundle:
@@ -151,7 +165,7 @@ def build_loaders(cfg: Any, *, seed: int = 0, sampler: Any = None, rank: int = 0
     train_loader = _train_loader(cfg, train, seed, sampler, groups, rank, world_size)
     val_loader = _loader_class(cfg.name)(val, cfg.eval_batch_size, shuffle=False, drop_last=False, mean=cfg.mean,
                                          std=cfg.std, seed=seed, augment=BatchAugment(resize=cfg.resize),
-                                         num_groups=groups)
+                                         num_groups=groups, **_on_device(cfg, cfg.name))
     h, w = val_loader.image_shape[1:]
     if train.image_size != val.image_size and not cfg.resize:
         raise ValueError(f"train images ({cfg.train_name or cfg.name}) are {train.image_size} but val images "

@@ -31,7 +31,14 @@ import torch
 
 from kdforge.data.decoded import DecodedData
 from kdforge.data.samplers import Sampler, check_order
-from kdforge.data.transforms import BatchAugment, crop_flip_numpy, normalize_numpy, resize
+from kdforge.data.transforms import (
+    BatchAugment,
+    crop_flip_numpy,
+    normalize,
+    normalize_numpy,
+    random_crop_flip,
+    resize,
+)
 
 #: ImageNet statistics, also what the public CIFAR ResNets (shared/data/cifar10-resnets) were trained with.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -83,6 +90,7 @@ class BatchLoader:
         world_size: int = 1,
         sampler: Sampler | None = None,
         num_groups: int | None = None,
+        device: str | torch.device | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -108,6 +116,12 @@ class BatchLoader:
         self._order: tuple[tuple, torch.Tensor] | None = None  # the last epoch's full order: get_batch asks often
         self._labels = torch.from_numpy(np.ascontiguousarray(data.labels, dtype=np.int64))
         self._attrs = {k: torch.from_numpy(np.asarray(v, dtype=np.int64)) for k, v in data.attrs.items()}
+        self.device = torch.device(device) if device is not None else None
+        if self.device is not None:  # the whole split, decoded, lives there; batches are built there
+            self._images = torch.from_numpy(np.ascontiguousarray(data.images)).to(self.device)
+            self._labels, self._attrs = self._labels.to(self.device), {k: v.to(self.device)
+                                                                       for k, v in self._attrs.items()}
+            self.prefetch, self.pin_memory = 0, False  # device ops are queued asynchronously already
         if drop_last and len(self) == 0:
             batch = (f"a global batch of {world_size} ranks x batch_size={batch_size}" if world_size > 1
                      else f"batch_size={batch_size}")
@@ -225,6 +239,8 @@ class BatchLoader:
     ) -> dict[str, torch.Tensor]:
         """Build the batch of samples `idx` as batch `batch_idx` of `epoch` (its augmentation seed)."""
         e = self.epoch if epoch is None else epoch
+        if self.device is not None:
+            return self._make_batch_on_device(idx, batch_idx, e)
         idx_np = idx.numpy()
         # Batch work is numpy (single-threaded, GIL released): torch's intra-op pool, shared with the model
         # running in the main thread, made these small ops up to 50x slower on a busy 2-core machine.
@@ -243,6 +259,22 @@ class BatchLoader:
             batch[k] = col[idx]
         if self.pin_memory:
             batch = {k: v.pin_memory() for k, v in batch.items()}
+        return batch
+
+    def _make_batch_on_device(self, idx: torch.Tensor, batch_idx: int, epoch: int) -> dict[str, torch.Tensor]:
+        """make_batch with the images already on `device`: the same draws (from the same CPU generator), the
+        gather, crop, flip, resize and normalisation run there, so the input pipeline never waits on the CPU."""
+        on = idx.to(self.device)
+        x = self._images.index_select(0, on)  # (B, H, W, 3) uint8
+        aug = self.augment
+        if aug.is_random:
+            x = random_crop_flip(x, aug.crop_pad, aug.flip, _generator(self.seed, _AUGMENT, epoch, batch_idx))
+        if aug.resize is not None:
+            x = resize(x, aug.resize, channels_last=True)
+        img = normalize(x, self.mean, self.std, channels_last=True).permute(0, 3, 1, 2)  # NCHW, channels_last memory
+        batch = {"image": img if self.channels_last else img.contiguous(), "label": self._labels[on], "index": on}
+        for k, col in self._attrs.items():
+            batch[k] = col[on]
         return batch
 
     def get_batch(self, batch_idx: int, epoch: int | None = None) -> dict[str, torch.Tensor]:

@@ -167,7 +167,8 @@ def _open(path: Path, resume: bool, overwrite: bool, config: dict[str, Any] | No
                 _write_marker(path)
         else:
             _check_fresh_start(path, overwrite)  # again, now that no other kdforge run can change it
-            _remove(path, _own_entries(path, keep=(MARKER, LOCK, SWEEP_LOG)))  # a failed attempt's or the replaced run's
+            # a failed attempt's or the replaced run's files go; a sweep's log of its attempts stays
+            _remove(path, _own_entries(path, keep=(MARKER, LOCK, SWEEP_LOG)))
             _write_marker(path)
         _remove(path, _killed_writes(path))
     except BaseException:

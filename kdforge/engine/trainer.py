@@ -70,6 +70,16 @@ def _move(batch: dict[str, Any], device: torch.device, channels_last: bool) -> d
     return out
 
 
+def compile_networks(distiller, mode: str = "default") -> list[str]:
+    """torch.compile the teacher and the method's networks in place (`nn.Module.compile`): module names, feature
+    taps by name and checkpoint keys stay as they are (a torch.compile wrapper would prefix them "_orig_mod.").
+    The method's small extras (regressors, embedders) run eagerly. Returns the names compiled."""
+    nets = {**({"teacher": distiller.teacher} if distiller.teacher is not None else {}), **distiller.networks()}
+    for net in nets.values():
+        net.compile(mode=None if mode == "default" else mode)
+    return list(nets)
+
+
 def to_batch(raw: Any, device: torch.device, channels_last: bool = False) -> dict[str, Any]:
     """Move a batch to `device` as a dict. Dict batches pass through (nested dicts too); an (image, label)
     pair becomes {"image", "label"}, and (image, label, {extras}) adds the extras by name."""
@@ -133,6 +143,8 @@ class Trainer:
         distiller.to(self.device)
         if cfg.channels_last:
             distiller.to(memory_format=torch.channels_last)
+        if cfg.compile:
+            compile_networks(distiller, cfg.compile_mode)
         distiller.steps_per_epoch = steps_per_epoch
         distiller._stepper = self._optimizer_step
         self.dist = distributed.current()  # a world of one unless torchrun started this process in a group
