@@ -1,8 +1,8 @@
 """Data parallel through torch.distributed (kdforge/engine/distributed.py): a 2-process gloo run launched by torchrun
 on loopback against a 1-process run with the same global batch gives the same losses and the same final weights
 (Hinton KD through sharded BatchLoaders, on one node and on two torchrun "nodes" meeting through a c10d rendezvous;
-every method in tests/test_distributed_methods.py); ranks that
-initialise their student differently start from rank 0's; only rank 0 writes; --nproc, a lost rank, resume."""
+every method: tests/test_distributed_methods.py); ranks that initialise their student differently start from rank
+0's; only rank 0 writes; `--nproc`, a lost rank, resume."""
 from __future__ import annotations
 
 import json
