@@ -24,8 +24,13 @@ from kdforge.recipe import run_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes/mosaic/cifar10"
-TEACHERS = {"resnet20": ("resnet20", "resnet20-12fca82f.th"), "resnet56": ("resnet56", "resnet56-4bfd9763.th")}
-STUDENTS = {"wrn16_1": "{name: wide_resnet, depth: 16, widen_factor: 1}", "resnet20": "resnet20"}
+# teacher -> (its model, its weights): the published ResNets in ../shared/data, or a kdforge-trained WRN-40-2
+# (`kdforge train recipes/train/cifar10/wrn40_2.yaml`; give its checkpoint with --teacher-weights)
+TEACHERS = {"resnet20": ("{name: resnet20}", "${KDFORGE_SHARED_DATA}/cifar10-resnets/resnet20-12fca82f.th"),
+            "resnet56": ("{name: resnet56}", "${KDFORGE_SHARED_DATA}/cifar10-resnets/resnet56-4bfd9763.th"),
+            "wrn40_2": ("{name: wide_resnet, depth: 40, widen_factor: 2}", None)}
+STUDENTS = {"wrn16_1": "{name: wide_resnet, depth: 16, widen_factor: 1}",
+            "wrn16_2": "{name: wide_resnet, depth: 16, widen_factor: 2}", "resnet20": "resnet20"}
 POOL = 10000  # OOD images per pool: Tiny-ImageNet val has 10,000; UTKFace keeps its 10,000 highest-entropy faces
 # row -> (recipe file, label); the in-domain reference is built from the KD recipe with the CIFAR-10 train split
 ROWS = {
@@ -53,11 +58,24 @@ def pair_options(doc: str | None, steps: int) -> argparse.ArgumentParser:
     """The options every MosaicKD table takes: the pair, the budget in student steps, the seeds."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", default="resnet20", choices=sorted(TEACHERS))
+    ap.add_argument("--teacher-weights", default=None,
+                    help="the teacher's checkpoint (a kdforge run's checkpoints/last.pt); default: the published "
+                         "weights of a ResNet teacher")
     ap.add_argument("--student", default="wrn16_1", choices=sorted(STUDENTS))
     ap.add_argument("--steps", type=int, default=steps, help="student steps per run (rounded up to whole epochs)")
     ap.add_argument("--batch", type=int, default=64, help="real images per student step")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     return ap
+
+
+def teacher_spec(a: argparse.Namespace) -> str:
+    """The teacher as a recipe mapping: its model and weights (--teacher-weights, else the published file)."""
+    model, published = TEACHERS[a.teacher]
+    weights = a.teacher_weights or published
+    if weights is None:
+        raise SystemExit(f"--teacher {a.teacher} has no published weights here: train it with kdforge train and "
+                         "give its checkpoint with --teacher-weights")
+    return model[:-1] + f", weights: '{weights}'}}"
 
 
 def row_config(row: str, a: argparse.Namespace, seed: int, extra: tuple[str, ...] = ()):
@@ -66,9 +84,8 @@ def row_config(row: str, a: argparse.Namespace, seed: int, extra: tuple[str, ...
     path = RECIPES / ROWS[row][0]
     cfg = load_config(path)
     k = int(cfg.method.kwargs.get("student_steps", 1)) if cfg.method.name == "mosaic" else 1
-    name, weights = TEACHERS[a.teacher]
     sets = [f"seed={seed}", f"out_dir={a.out}", "train.progress=false", f"student={STUDENTS[a.student]}",
-            f"teacher.name={name}", f"teacher.weights=${{KDFORGE_SHARED_DATA}}/cifar10-resnets/{weights}",
+            f"teacher={teacher_spec(a)}",
             f"data.batch_size={a.batch * k}", "train.eval_every=1000"]
     if row == "in_domain":  # the same steps on a same-sized subset of the CIFAR-10 training set, with its labels
         sets += ["data.train_name=null", "data.train_source=null", "data.train_split=train", "data.train_options={}",
@@ -114,7 +131,7 @@ def main() -> None:
                   flush=True)
     mean = {r: statistics.fmean(v) for r, v in top1.items() if v}
     lines = ["# MosaicKD on CIFAR-10 at CPU scale", "",
-             f"Budget: teacher {a.teacher} (the pretrained CIFAR-10 weights in ../shared/data, "
+             f"Budget: teacher {a.teacher} ({a.teacher_weights or 'the pretrained weights in ../shared/data'}, "
              f"{teacher_top1 if teacher_top1 is None else f'{teacher_top1:.2f}'} % on the CIFAR-10 JPEG test set), "
              f"student {a.student} from random weights; about {a.steps} student steps of {a.batch} real images "
              f"each (whole epochs over a {POOL}-image pool; MosaicKD, DAFL and DFAD add {a.batch} synthetic images a "
@@ -137,8 +154,10 @@ def main() -> None:
         far = mean["mosaic_utkface"] - mean["kd_utkface"]
         lines.append(f"- ... and by more on far OOD: {'holds' if far > near else 'does not hold'} (gain {far:+.2f} "
                      f"on UTKFace vs {near:+.2f} on Tiny-ImageNet).")
-    lines += ["", f"Produced by `python benchmarks/mosaic_cifar10.py --teacher {a.teacher} --student {a.student} "
-              f"--steps {a.steps} --batch {a.batch} --seeds {' '.join(map(str, a.seeds))}` on 2 CPU cores."]
+    weights = f" --teacher-weights {a.teacher_weights}" if a.teacher_weights else ""
+    lines += ["", f"Produced by `python benchmarks/mosaic_cifar10.py --teacher {a.teacher}{weights} "
+              f"--student {a.student} --steps {a.steps} --batch {a.batch} --seeds {' '.join(map(str, a.seeds))}` "
+              "on 2 CPU cores."]
     publish(lines, a.results)
 
 
