@@ -1,4 +1,4 @@
-"""Data-parallel training through torch.distributed, launched by torchrun (issue 19, first slice: the engine).
+"""Data-parallel training through torch.distributed, launched by torchrun (or `kdforge distill --nproc N`).
 
     torchrun --nproc_per_node=2 my_script.py      # a script calling kdforge.distill(...) with sharded loaders
 
@@ -24,6 +24,9 @@ environment (gloo on CPU, nccl on CUDA). What the Trainer does differently when 
   global batch's noise and keeps its own block, as it keeps its own block of the data, so the ranks' samples are
   distinct and together are the ones one process would draw (with one shared RNG and plain torch.randn, every rank
   would draw the same codes and a data-free method would train on each synthetic image world_size times);
+- methods pass what a loss relates across samples (RKD's distances, PKT's and MFD's kernels, a batch-mean class
+  balance) through `gather_batch`, a differentiable all-gather, so such terms see the global batch (how the
+  gradients then come out right: `_GatherRows`);
 - evaluation is sharded: every rank walks the same val loader, runs the model on its block of each batch
   (`gathered`), and the outputs are gathered so the evaluator scores the whole set exactly as one process would
   (the model's forward is split; the metric's own arithmetic is not).
@@ -33,8 +36,8 @@ methods call their networks directly and tap features by module name (a DDP wrap
 "module.*"), and the min-max games run several backward passes per step through modules that another optimiser
 owns (the generator's loss through the discriminator), which DDP's reducer, built around one forward and one
 backward per iteration, does not support without find_unused_parameters and static-graph caveats. The cost is
-that communication does not overlap the backward pass as DDP's bucketed hooks do: on GPUs, DDP wrapping of
-single-network methods is the follow-up (results/ and README say what is measured).
+that communication does not overlap the backward pass as DDP's bucketed hooks do (unmeasured on GPUs so far;
+results/scaleout_cpu.md has the CPU numbers).
 """
 from __future__ import annotations
 
