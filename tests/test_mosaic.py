@@ -147,6 +147,7 @@ def test_no_local_term_skips_the_discriminator(aug_loader):
     game = _mosaic(local_weight=0.0)
     game.optimizers = {k: (v[0] if isinstance(v, tuple) else v)
                        for k, v in game.configure_optimizers("main", TrainConfig(lr=0.05), 10).items()}
+    assert "discriminator" not in game.optimizers  # nor a schedule stepping an optimiser that never steps
     d0 = state_copy(game.discriminator)
     out = game.train().training_step(aug_loader.get_batch(0))
     assert "disc" not in out and "local" not in out

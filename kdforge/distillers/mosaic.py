@@ -69,6 +69,8 @@ class MosaicKD(GeneratorDistiller):
 
     def configure_optimizers(self, stage, cfg, steps):
         opts = super().configure_optimizers(stage, cfg, steps)
+        if not self.weights["local_weight"]:  # no patch term: D never steps, so it gets no optimiser (nor schedule)
+            return opts
         _, schedule = opts["generator"]  # D learns at G's pace (the official code: one lr and schedule for both)
         disc = torch.optim.Adam(self.discriminator.parameters(), lr=self.generator_lr, betas=self.generator_betas)
         return {**opts, "discriminator": (disc, schedule)}
