@@ -55,6 +55,9 @@ sets up the torchdistill virtualenv and extracts the JPEG tree, about 30 s):
     python benchmarks/vs_torchdistill.py [--steps 100] [--warmup 3] [--rounds 2] [--threads 2] [--td-workers 2]
     python benchmarks/vs_torchdistill.py --ddp [--steps 100] [--rounds 2]   # kdforge 1 process vs --nproc 2
     python benchmarks/vs_torchdistill.py --only torchdistill --steps 20 --rounds 1   # probe one tool
+    python benchmarks/vs_torchdistill.py --device cuda --batch 512 --steps 200   # on a GPU: every tool there,
+        # kdforge and the bare loop with the data on it, and a kdforge bf16 + channels_last + compile row; the step
+        # clock synchronises CUDA at each stamp (tested on the CPU only: no GPU in the session that wrote it)
 Rounds are interleaved (each round runs every tool once, in a rotated order); medians are reported. Another
 process using the CPUs during a run slows 2-thread runs a lot (OpenMP threads wait for each other): the load
 average before each run is printed, and the median-step rate shows what a run does when left alone.
@@ -92,7 +95,11 @@ if os.environ.get("{STEP_LOG_ENV}"):
 
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
+    import torch
+
     def _stamp(optimizer, args, kwargs):
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # the step's kernels done, not just queued
+            torch.cuda.synchronize()
         name = "steps-r%s-%d.txt" % (os.environ.get("RANK", "0"), os.getpid())
         with open(os.path.join(os.environ["{STEP_LOG_ENV}"], name), "a") as f:
             f.write("%.6f\\n" % time.perf_counter())
@@ -352,8 +359,9 @@ def prepare_inputs(td: bool) -> dict[str, Path]:
 
 
 # ----------------------------------------------------------------------------------------------- the bare loop
-def bare_loop(steps: int, batch: int) -> None:
-    """Hinton KD with nothing around it: uint8 cache in RAM, crop/flip on tensors, teacher eval + no_grad."""
+def bare_loop(steps: int, batch: int, device: str = "cpu") -> None:
+    """Hinton KD with nothing around it: uint8 cache in RAM (on `device`), crop/flip on tensors there, teacher eval +
+    no_grad."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -364,25 +372,26 @@ def bare_loop(steps: int, batch: int) -> None:
 
     torch.manual_seed(0)
     data = load_split("cifar10", "train")
-    images = torch.from_numpy(np.array(data.images)).permute(0, 3, 1, 2)  # in RAM; N,3,32,32 uint8 (a view)
-    labels = torch.from_numpy(np.asarray(data.labels))
-    teacher = load_weights(resnet56(), shared_data() / TEACHER_FILE).eval()
+    dev = torch.device(device)
+    images = torch.from_numpy(np.array(data.images)).permute(0, 3, 1, 2).to(dev)  # N,3,32,32 uint8 (a view)
+    labels = torch.from_numpy(np.asarray(data.labels)).to(dev)
+    teacher = load_weights(resnet56(), shared_data() / TEACHER_FILE).to(dev).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    student = resnet20().train()
+    student = resnet20().to(dev).train()
     opt = torch.optim.SGD(student.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1) * 255
-    std = torch.tensor(STD).view(1, 3, 1, 1) * 255
-    order = torch.randperm(len(labels))
-    ar = torch.arange(32)
+    mean = torch.tensor(MEAN, device=dev).view(1, 3, 1, 1) * 255
+    std = torch.tensor(STD, device=dev).view(1, 3, 1, 1) * 255
+    order = torch.randperm(len(labels), device=dev)
+    ar = torch.arange(32, device=dev)
     for step in range(steps):
         idx = order[(step * batch) % len(order):][:batch]
         x = F.pad(images[idx], (4, 4, 4, 4))  # B,3,40,40 uint8, zero border
-        oy, ox = torch.randint(0, 9, (2, len(idx), 1))
+        oy, ox = torch.randint(0, 9, (2, len(idx), 1), device=dev)
         rows, cols = oy + ar, ox + ar  # B,32 each
-        cols = torch.where(torch.rand(len(idx), 1) < 0.5, cols.flip(1), cols)
-        b = torch.arange(len(idx)).view(-1, 1, 1, 1)
-        c = torch.arange(3).view(1, 3, 1, 1)
+        cols = torch.where(torch.rand(len(idx), 1, device=dev) < 0.5, cols.flip(1), cols)
+        b = torch.arange(len(idx), device=dev).view(-1, 1, 1, 1)
+        c = torch.arange(3, device=dev).view(1, 3, 1, 1)
         x = x[b, c, rows[:, None, :, None], cols[:, None, None, :]]
         x = (x.float() - mean) / std
         y = labels[idx]
@@ -399,7 +408,7 @@ def bare_loop(steps: int, batch: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- torchdistill
-def torchdistill_runner(config_path: str, run_log: str | None) -> None:
+def torchdistill_runner(config_path: str, run_log: str | None, device_name: str = "cpu") -> None:
     """torchdistill's examples/torchvision/image_classification.py (1.1.5), reduced to what a KD config on one CPU
     process reaches, written here (see the module docstring): the same torchdistill calls in the same order."""
     import logging
@@ -427,7 +436,7 @@ def torchdistill_runner(config_path: str, run_log: str | None) -> None:
     set_seed(0)
     config = yaml_util.load_yaml_file(config_path)
     import_dependencies(config.get("dependencies", None))
-    device = torch.device("cpu")
+    device = torch.device(device_name)
 
     def load_model(model_config: dict) -> torch.nn.Module:
         model = get_image_classification_model(model_config, distributed)
@@ -530,11 +539,18 @@ def run_timed(name: str, cmd: list[str], *, threads: int, steps: int, warmup: in
     return {"ips": steps * batch / seconds, "step_ips": batch / step, "seconds": seconds, "wall": wall, "load": load}
 
 
-def kdforge_cmd(total: int, batch: int, run_name: str, nproc: int = 1) -> list[str]:
+def kdforge_cmd(total: int, batch: int, run_name: str, nproc: int = 1, device: str = "cpu",
+                fast: bool = False) -> list[str]:
+    """`kdforge distill` of the recipe for `total` steps; on a GPU the data lives there (data.device), and `fast`
+    adds bf16 autocast, channels_last and torch.compile."""
     exe = Path(sys.executable).with_name("kdforge")
     head = [str(exe)] if exe.exists() else [sys.executable, "-m", "kdforge"]
     sets = [f"data.batch_size={batch}", f"train.max_steps={total}", "train.progress=false", "data.val_subset=500",
-            "train.device=cpu", f"out_dir={WORK / 'kdforge'}", f"name={run_name}"]
+            f"train.device={device}", f"out_dir={WORK / 'kdforge'}", f"name={run_name}"]
+    if device != "cpu":
+        sets.append(f"data.device={device}")
+    if fast:
+        sets += ["train.precision=bf16", "train.channels_last=true", "train.compile=true"]
     cmd = [*head, "distill", str(RECIPE), *[arg for s in sets for arg in ("--set", s)], "--overwrite"]
     return cmd + (["--nproc", str(nproc)] if nproc != 1 else [])
 
@@ -559,12 +575,21 @@ def plan(a: argparse.Namespace, paths: dict[str, Path]) -> dict[str, dict]:
         ckpt.unlink(missing_ok=True)
         config.write_text(td_yaml(root=paths["jpeg"], teacher_ckpt=paths["teacher"], student_ckpt=ckpt,
                                   batch=a.batch, samples=total * a.batch, workers=a.td_workers))
-        return [str(td_python()), me, "--torchdistill-runner", str(config), "--run-log", str(folder / f"r{r}.log")]
+        return [str(td_python()), me, "--torchdistill-runner", str(config), "--run-log", str(folder / f"r{r}.log"),
+                *on]
 
-    return {
+    on = ["--device", a.device]
+    rows = {
         "bare PyTorch loop": {"cmd": lambda r: [sys.executable, me, "--bare-loop", "--total", str(total),
-                                                "--batch", str(a.batch)], "threads": a.threads},
-        "kdforge": {"cmd": lambda r: kdforge_cmd(total, a.batch, f"kd_r{r}"), "threads": a.threads},
+                                                "--batch", str(a.batch), *on], "threads": a.threads},
+        "kdforge": {"cmd": lambda r: kdforge_cmd(total, a.batch, f"kd_r{r}", device=a.device), "threads": a.threads},
+    }
+    if a.device != "cpu":  # the GPU keys: bf16 autocast + channels_last + torch.compile (warm-up covers compiling)
+        rows["kdforge bf16+cl+compile"] = {"cmd": lambda r: kdforge_cmd(total, a.batch, f"kdfast_r{r}",
+                                                                        device=a.device, fast=True),
+                                           "threads": a.threads}
+    return {
+        **rows,
         f"torchdistill {TD_VERSION}": {"cmd": td, "threads": a.threads,
                                        "extra_path": [paths["td_models"], REPO]},
     }
@@ -584,6 +609,8 @@ def main() -> None:
     ap.add_argument("--only", nargs="+", choices=["bare", "kdforge", "torchdistill"],
                     help="run only these tools (a probe; the ratios need the bare loop and torchdistill)")
     ap.add_argument("--out", help="also write the table to this file (e.g. results/vs_torchdistill.md)")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda: every tool trains there (kdforge with its data "
+                                                    "there too, plus a bf16 + channels_last + compile row)")
     # internal modes: the runs themselves
     ap.add_argument("--bare-loop", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--total", type=int, help=argparse.SUPPRESS)
@@ -591,9 +618,9 @@ def main() -> None:
     ap.add_argument("--run-log", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.bare_loop:
-        return bare_loop(a.total, a.batch)
+        return bare_loop(a.total, a.batch, a.device)
     if a.torchdistill_runner:
-        return torchdistill_runner(a.torchdistill_runner, a.run_log)
+        return torchdistill_runner(a.torchdistill_runner, a.run_log, a.device)
     if a.warmup < 1 or a.steps < 1 or a.rounds < 1:
         ap.error("--warmup, --steps and --rounds must be >= 1")
 
@@ -606,7 +633,7 @@ def main() -> None:
     names = list(rows)
     results: dict[str, list[dict[str, float]]] = {n: [] for n in names}
     print(f"{'DDP scaling' if a.ddp else 'kdforge vs torchdistill'}: ResNet-56 -> ResNet-20 Hinton KD, CIFAR-10 JPEG, "
-          f"batch {a.batch}, {a.warmup} + {a.steps} steps a run, {a.rounds} round(s), cpu, "
+          f"batch {a.batch}, {a.warmup} + {a.steps} steps a run, {a.rounds} round(s), {a.device}, "
           f"{os.cpu_count()} cores", flush=True)
     t_all = time.perf_counter()
     for r in range(a.rounds):
@@ -646,7 +673,8 @@ def table(a: argparse.Namespace, names: list[str], results: dict[str, list[dict[
                 "vs torchdistill | process s |", "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
         body = [f"| {n} | {a.steps} | {ips[n]:.1f} | {rounds[n]} | {ratio(n, td, ips)} | {ratio(n, bare, ips)} | "
                 f"{step_ips[n]:.1f} | {ratio(n, td, step_ips)} | {wall[n]:.0f} |" for n in names]
-        title = (f"ResNet-56 -> ResNet-20 Hinton KD on CIFAR-10 JPEG, CPU ({os.cpu_count()} cores, {a.threads} "
+        where = "CPU" if a.device == "cpu" else f"{a.device} (data on it for kdforge and the bare loop), CPU"
+        title = (f"ResNet-56 -> ResNet-20 Hinton KD on CIFAR-10 JPEG, {where} ({os.cpu_count()} cores, {a.threads} "
                  f"threads each), batch {a.batch}, {a.warmup} warm-up + {a.steps} timed steps, median of {a.rounds} "
                  f"interleaved round(s); torchdistill with {a.td_workers} DataLoader workers")
     notes = ["", "images/s: timed steps x batch / time from the end of the last warm-up optimizer step to the end "
