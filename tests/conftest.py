@@ -7,6 +7,8 @@ dropout. Everything is seeded: two calls with the same seed give the same weight
 from __future__ import annotations
 
 import copy
+import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -129,3 +131,18 @@ def fake_utkface(root: Path, n: int = 16) -> Path:
         image.fromarray(face).save(folder / f"{20 + k}_{k % 2}_{k % 5}_20170101120000{k:03d}.jpg.chip.jpg",
                                    format="PNG")
     return root
+
+
+def free_port() -> int:
+    """A free loopback port for a torchrun rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun_env() -> dict[str, str]:
+    """This environment without a torchrun world of its own (a test may itself run under one), one thread."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env

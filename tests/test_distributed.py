@@ -6,14 +6,13 @@ every method: tests/test_distributed_methods.py); ranks that initialise their st
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port, torchrun_env
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
 
@@ -53,33 +52,20 @@ torch.save(result.student.state_dict(), f"{out}/student_rank{ctx.rank}.pt")
 '''
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _clean_env() -> dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
-
-
 def _run(script: Path, out: Path, method: str, nproc: int) -> None:
     launch = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-               f"--master_port={_free_port()}"] if nproc > 1 else [sys.executable])
-    done = subprocess.run([*launch, str(script), str(out), method, "16"], env=_clean_env(), capture_output=True,
+               f"--master_port={free_port()}"] if nproc > 1 else [sys.executable])
+    done = subprocess.run([*launch, str(script), str(out), method, "16"], env=torchrun_env(), capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
 def _run_two_nodes(script: Path, out: Path, method: str) -> None:
     """Two torchrun agents, one process each, meeting through a c10d rendezvous on loopback: the multi-node form."""
-    port = _free_port()
+    port = free_port()
     agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
                                 "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=kdforge-test",
-                                str(script), str(out), method, "16"], env=_clean_env(), stdout=subprocess.PIPE,
+                                str(script), str(out), method, "16"], env=torchrun_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
     for agent in agents:
         _, err = agent.communicate(timeout=300)
@@ -132,7 +118,7 @@ def test_cli_nproc_runs_a_recipe_on_two_processes_and_resumes(tmp_path):
                  "root": str(tmp_path / "cache"), "batch_size": 16, "crop_pad": 0, "flip": False},
         "student": "resnet20", "teacher": {"name": "resnet20", "weights": str(tmp_path / "teacher.pt")},
         "method": {"name": "kd"}, "train": {"epochs": 1, "device": "cpu", "progress": False, "log_every": 1}}))
-    env = _clean_env()
+    env = torchrun_env()
 
     def kdforge(*args):
         done = subprocess.run([sys.executable, "-m", "kdforge", "distill", str(recipe), "--nproc", "2", *args],
@@ -184,7 +170,7 @@ def test_a_lost_rank_fails_the_run_clearly_and_it_resumes_from_the_last_checkpoi
                  "root": str(tmp_path / "cache"), "batch_size": 16, "crop_pad": 0, "flip": False},
         "student": "crashnet:CrashNet", "method": "scratch",
         "train": {"epochs": 1, "device": "cpu", "progress": False, "log_every": 1, "checkpoint_every": 1}}))
-    env = {**_clean_env(), "CRASH_RANK1": "1"}
+    env = {**torchrun_env(), "CRASH_RANK1": "1"}
     cmd = [sys.executable, "-m", "kdforge", "train", str(recipe), "--nproc", "2"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode != 0 and "rank 1 lost" in done.stderr and "add --resume" in done.stderr

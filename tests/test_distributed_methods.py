@@ -9,14 +9,13 @@ Two launches for all methods keep this to about a minute."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port, torchrun_env
 
 from kdforge.registry import DISTILLERS
 
@@ -159,18 +158,10 @@ ROUNDING_ONLY = {"val_psnr_teacher"}  # a flow's exact inverse: about 140 dB, fl
 NO_EVALUATION = {"dcgan"}  # an unconditional GAN with no teacher: FID needs a feature network, out of scope here
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(script: Path, out: Path, nproc: int) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
+    env = torchrun_env()
     launch = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-               f"--master_port={_free_port()}"] if nproc > 1 else [sys.executable])
+               f"--master_port={free_port()}"] if nproc > 1 else [sys.executable])
     done = subprocess.run([*launch, str(script), str(out), ",".join(METHODS)], env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
