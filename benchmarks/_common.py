@@ -68,6 +68,13 @@ def set_args(pairs: list[str]) -> list[str]:
     return [arg for pair in pairs for arg in ("--set", pair)]
 
 
+def machine() -> str:
+    """Where a table ran, for its 'Produced by' line: the GPU when there is one (train.device auto picks it)."""
+    if torch.cuda.is_available():
+        return f"one {torch.cuda.get_device_name()}"
+    return f"{os.cpu_count()} CPU cores"
+
+
 def publish(lines: list[str], path: str | Path | None) -> None:
     """Print a result table and, when `path` is given, write it there (results/*.md)."""
     text = "\n".join(lines)

@@ -17,7 +17,7 @@ import statistics
 import time
 from pathlib import Path
 
-from _common import publish  # noqa: E402  (benchmarks/ is run as a script folder)
+from _common import machine, publish  # noqa: E402  (benchmarks/ is run as a script folder)
 
 from kdforge.config import load_config
 from kdforge.recipe import run_recipe
@@ -65,6 +65,8 @@ def pair_options(doc: str | None, steps: int) -> argparse.ArgumentParser:
     ap.add_argument("--steps", type=int, default=steps, help="student steps per run (rounded up to whole epochs)")
     ap.add_argument("--batch", type=int, default=64, help="real images per student step")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="a recipe override for every run, after the table's own (e.g. train.precision=bf16 on a GPU)")
     return ap
 
 
@@ -101,7 +103,7 @@ def row_config(row: str, a: argparse.Namespace, seed: int, extra: tuple[str, ...
         per_epoch *= k
     two_stage = cfg.method.name == "fitnet" and cfg.method.kwargs.get("two_stage", True)  # a hint epoch, a KD one
     sets.append(f"train.epochs={max(2 if two_stage else 1, math.ceil(a.steps / per_epoch))}")
-    cfg = load_config(path, [*sets, *extra])
+    cfg = load_config(path, [*sets, *extra, *a.sets])
     cfg.name = f"{row}_seed{seed}"
     return cfg
 
@@ -155,9 +157,10 @@ def main() -> None:
         lines.append(f"- ... and by more on far OOD: {'holds' if far > near else 'does not hold'} (gain {far:+.2f} "
                      f"on UTKFace vs {near:+.2f} on Tiny-ImageNet).")
     weights = f" --teacher-weights {a.teacher_weights}" if a.teacher_weights else ""
+    weights += "".join(f" --set {kv}" for kv in a.sets)
     lines += ["", f"Produced by `python benchmarks/mosaic_cifar10.py --teacher {a.teacher}{weights} "
               f"--student {a.student} --steps {a.steps} --batch {a.batch} --seeds {' '.join(map(str, a.seeds))}` "
-              "on 2 CPU cores."]
+              f"on {machine()}."]
     publish(lines, a.results)
 
 
