@@ -13,7 +13,7 @@ import statistics
 import time
 from pathlib import Path
 
-from _common import machine, publish  # noqa: E402  (benchmarks/ is run as a script folder)
+from _common import machine, publish, set_args  # noqa: E402  (benchmarks/ is run as a script folder)
 from mosaic_cifar10 import ROOT, _ms, pair_options, row_config
 
 from kdforge.recipe import run_recipe
@@ -82,8 +82,8 @@ def main() -> None:
                   "[none](mosaic_ablation_no_reg.png), [full image](mosaic_ablation_image_d.png), "
                   "[patch](mosaic_ablation_stride1.png)."]
     lines += ["", f"Produced by `python benchmarks/mosaic_ablation.py --teacher {a.teacher} --student {a.student} "
-              f"--steps {a.steps} --batch {a.batch} --seeds {' '.join(map(str, a.seeds))}`"
-              f"{''.join(f' --set {kv}' for kv in a.sets)} on {machine()}."]
+              f"--steps {a.steps} --batch {a.batch} --seeds {' '.join(map(str, a.seeds))}"
+              f"{''.join(' ' + arg for arg in set_args(a.sets))}` on {machine()}."]
     publish(lines, a.results)
 
 

@@ -17,7 +17,7 @@ import statistics
 import time
 from pathlib import Path
 
-from _common import machine, publish  # noqa: E402  (benchmarks/ is run as a script folder)
+from _common import machine, publish, set_args  # noqa: E402  (benchmarks/ is run as a script folder)
 
 from kdforge.config import load_config
 from kdforge.recipe import run_recipe
@@ -157,10 +157,9 @@ def main() -> None:
         lines.append(f"- ... and by more on far OOD: {'holds' if far > near else 'does not hold'} (gain {far:+.2f} "
                      f"on UTKFace vs {near:+.2f} on Tiny-ImageNet).")
     weights = f" --teacher-weights {a.teacher_weights}" if a.teacher_weights else ""
-    weights += "".join(f" --set {kv}" for kv in a.sets)
     lines += ["", f"Produced by `python benchmarks/mosaic_cifar10.py --teacher {a.teacher}{weights} "
-              f"--student {a.student} --steps {a.steps} --batch {a.batch} --seeds {' '.join(map(str, a.seeds))}` "
-              f"on {machine()}."]
+              f"--student {a.student} --steps {a.steps} --batch {a.batch} --seeds {' '.join(map(str, a.seeds))}"
+              f"{''.join(' ' + arg for arg in set_args(a.sets))}` on {machine()}."]
     publish(lines, a.results)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import os
 import socket
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -138,6 +139,14 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def launcher(nproc: int) -> list[str]:
+    """The command prefix that runs a script on `nproc` local processes (torchrun on loopback), or plainly for 1."""
+    if nproc == 1:
+        return [sys.executable]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}"]
 
 
 def torchrun_env() -> dict[str, str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port, torchrun_env
+from conftest import free_port, launcher, torchrun_env
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
 
@@ -53,10 +53,8 @@ torch.save(result.student.state_dict(), f"{out}/student_rank{ctx.rank}.pt")
 
 
 def _run(script: Path, out: Path, method: str, nproc: int) -> None:
-    launch = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-               f"--master_port={free_port()}"] if nproc > 1 else [sys.executable])
-    done = subprocess.run([*launch, str(script), str(out), method, "16"], env=torchrun_env(), capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run([*launcher(nproc), str(script), str(out), method, "16"], env=torchrun_env(),
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
 

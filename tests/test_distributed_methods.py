@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port, torchrun_env
+from conftest import launcher, torchrun_env
 
 from kdforge.registry import DISTILLERS
 
@@ -160,9 +159,7 @@ NO_EVALUATION = {"dcgan"}  # an unconditional GAN with no teacher: FID needs a f
 
 def _launch(script: Path, out: Path, nproc: int) -> None:
     env = torchrun_env()
-    launch = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-               f"--master_port={free_port()}"] if nproc > 1 else [sys.executable])
-    done = subprocess.run([*launch, str(script), str(out), ",".join(METHODS)], env=env, capture_output=True,
+    done = subprocess.run([*launcher(nproc), str(script), str(out), ",".join(METHODS)], env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
 
